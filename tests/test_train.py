@@ -1,0 +1,223 @@
+"""The training CLI: end to end, bad flags, resume after kill -9, NaN, atomic writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from tfq import runstate
+from tfq import train as tr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model=resnet20", "--dataset=digits", "--batch_size=32", "--steps_per_epoch=3",
+        "--eval_limit=64", "--verbose=2", "--bits=4", "--lr=0.01"]
+
+
+def cli(args, **kw):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
+    return subprocess.run([sys.executable, "-m", "tfq.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cli_end_to_end(tmp_path):
+    d = tmp_path / "run"
+    r = cli(TINY + [f"--model_dir={d}", "--method=fp,baseline,ts+guided", "--pretrain_epochs=2",
+                    "--epochs=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The plan is printed before training, then a results table.
+    assert r.stdout.index("stages:") < r.stdout.index("[00_fp] W32A32")
+    table = r.stdout[r.stdout.index("method             top-1"):].splitlines()
+    assert [row.split()[0] for row in table[1:4]] == ["fp", "baseline", "ts+guided"]
+    assert "w4a32_guided" in r.stdout
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["methods"] == ["fp", "baseline", "ts+guided"] and cfg["w_bits"] == 4
+    res = json.loads((d / "results.json").read_text())
+    assert res["complete"] and [s["stage"] for s in res["stages"]] == [
+        "00_fp", "baseline/01_w4a4", "ts+guided/01_w4a32_guided", "ts+guided/02_w4a4_guided"]
+    for s in res["stages"]:
+        assert {"name", "w_bits", "a_bits", "epochs", "top1", "top5", "loss", "wall_time_s", "model"} <= set(s)
+        assert 0 <= s["top1"] <= s["top5"] <= 1 and s["wall_time_s"] > 0
+    assert res["final_model"] == "stages/ts+guided/02_w4a4_guided/model.keras"
+    assert set(res["methods"]) == {"fp", "baseline", "ts+guided"}
+    rows = (d / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 + 1 + 2  # header + one row per epoch of every stage
+    assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = [f for _, _, fs in os.walk(d / "tensorboard") for f in fs if "tfevents" in f]
+    assert len(events) >= 4
+    assert (d / "mean.npy").exists()
+    import keras
+
+    import tfq
+
+    final = keras.models.load_model(d / res["final_model"])
+    assert tfq.get_precision(final) == tfq.Precision(4, 4)
+    assert not list((d / "stages").rglob("ckpt/*"))  # checkpoints go once a stage is done
+
+    # Rerunning the finished command trains nothing.
+    again = cli(TINY + [f"--model_dir={d}", "--method=fp,baseline,ts+guided", "--pretrain_epochs=2",
+                        "--epochs=1"])
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 4
+    # A different config in the same model_dir is refused.
+    other = cli(TINY + [f"--model_dir={d}", "--method=pq", "--epochs=1"])
+    assert other.returncode == 2 and "different config" in other.stderr
+
+
+@pytest.fixture
+def parse():
+    def _parse(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["tfq.train", *argv])
+        try:
+            return tr.config_from_flags()
+        finally:
+            flags.FLAGS.unparse_flags()
+
+    return _parse
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--model=vgg16"], "known models: alexnet"),
+        (["--method=dorefa"], "accepted: fp, baseline"),
+        (["--dataset=imagenet21k"], "known: "),
+        (["--bits=3", "--w_bits=9"], None),  # --bits wins: valid
+        (["--w_bits=9"], r"1\.\.8, or 32"),
+        (["--a_bits=0"], r"1\.\.8, or 32"),
+        (["--pq_sequence=32,4,8,2"], "strictly decrease"),
+        (["--pq_sequence=32,x"], "integers"),
+        (["--data_dir=/no/such/folder"], "does not exist"),
+        (["--epochs=0"], "--epochs"),
+        (["--batch_size=-4"], "--batch_size"),
+        (["--lr=0"], "--lr"),
+        (["--init_from=/no/such.keras"], "does not exist"),
+        (["--method=ts", "--stage_epochs=1,2,3"], "2 quantized stages"),
+        (["--method=fp,baseline"], "pretrain_epochs"),
+        (["--eval_split=holdout"], "holdout"),
+        (["--data_option=novalue"], "key=value"),
+        (["--bits=32", "--method=baseline"], "below 32"),
+    ],
+)
+def test_bad_flags_rejected_before_any_work(parse, argv, match):
+    if match is None:
+        assert parse(*argv).w_bits == 3
+        return
+    with pytest.raises(tr.ConfigError, match=match):
+        parse(*argv)
+
+
+def test_bad_flag_exits_with_message(tmp_path):
+    r = cli(["--model=vgg16", f"--model_dir={tmp_path / 'x'}"])
+    assert r.returncode == 2 and "unknown model 'vgg16'" in r.stderr
+    assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def wait_for(path, pred, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            state = json.loads(path.read_text())
+            if pred(state):
+                return state
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_resume_after_kill(tmp_path):
+    d = tmp_path / "run"
+    args = TINY + [f"--model_dir={d}", "--method=ts", "--pretrain_epochs=1", "--epochs=3"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tfq.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    key = "ts/02_w4a4"
+    wait_for(d / "state.json",
+             lambda s: s["stages"].get(key, {}).get("epochs_done", 0) >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((d / "state.json").read_text())
+    done_mtime = os.path.getmtime(d / state["stages"]["ts/01_w4a32"]["model"])
+    resumed_from = state["stages"][key]["epochs_done"]
+    assert resumed_from in (1, 2)
+
+    r = cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("finished earlier") == 2  # 00_fp and ts/01 are not rerun
+    assert f"[{key}] resuming after epoch {resumed_from}/3" in r.stdout
+    assert os.path.getmtime(d / state["stages"]["ts/01_w4a32"]["model"]) == done_mtime
+    res = json.loads((d / "results.json").read_text())
+    assert res["complete"] and [s["stage"] for s in res["stages"]] == ["00_fp", "ts/01_w4a32", key]
+    epochs = [int(line.split(",")[2]) for line in (d / "log.csv").read_text().splitlines()[1:]]
+    assert epochs == [1, 1, 2, 3, 1, 2, 3]  # every epoch logged exactly once
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from tfq import distribute
+
+    x = np.random.default_rng(0).uniform(-1, 1, (96, 8, 8, 3)).astype("float32")
+    y = np.arange(96) % 10
+    good = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    bad = tf.data.Dataset.from_tensor_slices((np.full_like(x, np.nan), y)).batch(32)
+
+    def fake_dataset(strategy, name, split, batch, training=False, **kw):
+        # Epoch 1 (3 steps) sees good batches, epoch 2 NaN images.
+        return good.concatenate(bad.repeat()) if training else good
+
+    monkeypatch.setattr(distribute, "dataset", fake_dataset)
+    cfg = tr.validate(tr.TrainConfig(model="resnet20", dataset="digits", methods=("baseline",),
+                                     epochs=3, steps_per_epoch=3, batch_size=32, mean="none",
+                                     model_dir=str(tmp_path / "run"), verbose="0"))
+    with pytest.raises(tr.TrainingDiverged, match=r"loss became nan at epoch 2.*epoch 1\) is kept"):
+        tr.train(cfg, out=lambda *a: None)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    st = state["stages"]["baseline/01_w4a4"]
+    assert st["epochs_done"] == 1 and st["status"] == "running"
+    ckpt = tmp_path / "run" / st["checkpoint"]
+    import tfq
+
+    m = tfq.models.build("resnet20", num_classes=10, input_shape=(8, 8, 3))
+    m.load_weights(ckpt)  # loadable, finite
+    assert all(np.isfinite(w).all() for w in m.get_weights())
+
+
+def test_atomic_write_survives_a_crash_mid_write(tmp_path):
+    target = tmp_path / "state.json"
+    runstate.write_json(target, {"epoch": 1})
+    with pytest.raises(RuntimeError):
+        with runstate.atomic_path(target, ".json") as tmp:
+            with open(tmp, "w") as f:
+                f.write('{"epoch": 2, "trunc')
+            raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+    # A real kill -9 in the middle of a write leaves the old file intact.
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from tfq import runstate\n"
+        "with runstate.atomic_path(%r, '.json') as tmp:\n"
+        "    f = open(tmp, 'w'); f.write('{\"epoch\": 3, '); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+    ) % (ROOT, str(target))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.kill()
+    p.wait()
+    assert json.loads(target.read_text()) == {"epoch": 1}
+
+
+def test_run_lock_refuses_a_second_process(tmp_path):
+    with runstate.RunLock(tmp_path):
+        with pytest.raises(RuntimeError, match="in use"):
+            with runstate.RunLock(tmp_path):
+                pass
+    with runstate.RunLock(tmp_path):  # released
+        pass

@@ -1,0 +1,787 @@
+"""Training CLI: ``python -m tfq.train --flagfile=flags/X.cfg``.
+
+Flags are turned into one frozen ``TrainConfig`` (``config_from_flags``; nothing else
+reads ``FLAGS``), validated before any work, and written to ``model_dir/config.json``.
+``train(config)`` then expands each method into stages (``tfq.precision.plan_stages``),
+prints the plan and runs the stages, each starting from the previous stage's weights
+with a fresh optimizer and learning-rate schedule.
+
+Several methods can share one run (``--method=fp,baseline,pq+ts+guided``): the
+full-precision pretraining stage runs once and every method starts from it.
+
+Layout of ``model_dir``::
+
+  config.json         the resolved config (a rerun must match it)
+  state.json          what has finished: the source of truth for resuming
+  mean.npy            the per-pixel mean the input pipeline subtracts
+  results.json        per stage: method, name, bits, epochs, top-1, top-5, loss, wall
+                      time, model path; "final_model": the last method's final model
+  log.csv             one row per epoch of every stage
+  curves.png          validation accuracy per epoch across the stages
+  tensorboard/<stage> TensorBoard logs
+  stages/00_fp/       model.keras (+ ckpt/ while the stage runs)
+  stages/<method>/NN_<stage>/  model.keras, fp_model.keras for guided stages, ckpt/
+
+Fault tolerance: after every epoch the weights and optimizer state are written to a
+new checkpoint file, then ``state.json`` is atomically updated to point at it, then
+older checkpoints are deleted. A run killed at any moment and restarted with the same
+command resumes from the last completed epoch of the current stage and never reruns a
+finished stage. A NaN or infinite loss stops the stage with a message; the last good
+checkpoint stays in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import io
+import math
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", "resnet20", "Registered model name (tfq.models.names()).")
+flags.DEFINE_string("dataset", "digits", "Dataset name (tfq.data.names(), or tfds:<name>).")
+flags.DEFINE_string("data_dir", None, "Folder holding the dataset (source-specific).")
+flags.DEFINE_multi_string("data_option", [], "Source option key=value (repeatable), e.g. label_mode=coarse.")
+flags.DEFINE_bool("download", False, "Let tensorflow-datasets download a catalogue dataset.")
+flags.DEFINE_integer("train_limit", None, "Use a class-balanced subset of this many training images.")
+flags.DEFINE_integer("eval_limit", None, "Evaluate on a subset of this many images.")
+flags.DEFINE_integer("holdout", 0, "Hold out this many training images as split 'holdout'.")
+flags.DEFINE_string("eval_split", "test", "Split used for validation each epoch: test, validation or holdout.")
+flags.DEFINE_integer("image_size", None, "Crop size fed to the model (default: the dataset's).")
+flags.DEFINE_enum("mean", "per_pixel", ["per_pixel", "none"], "Mean subtracted from every image.")
+flags.DEFINE_bool("skip_corrupt", False, "Skip (and count) corrupt images instead of stopping.")
+
+flags.DEFINE_string("method", "baseline", "Method(s), comma-separated: fp, baseline, ts, pq, guided, pq+ts, ts+guided, pq+guided, pq+ts+guided.")
+flags.DEFINE_integer("bits", None, "Target bits for weights and activations (sets --w_bits and --a_bits).")
+flags.DEFINE_integer("w_bits", 4, "Target weight bits (1..8 or 32).")
+flags.DEFINE_integer("a_bits", 4, "Target activation bits (1..8 or 32).")
+flags.DEFINE_list("pq_sequence", ["32", "8", "4", "2"], "Progressive bit-widths, strictly decreasing.")
+flags.DEFINE_bool("fp_first_last", False, "The paper's ** variant: first conv and last FC keep 32-bit weights.")
+flags.DEFINE_enum("fp_activation", "relu", ["relu", "clip"], "Nonlinearity of full-precision activation layers.")
+
+flags.DEFINE_integer("epochs", 10, "Epochs of every quantized stage.")
+flags.DEFINE_list("stage_epochs", None, "Per-quantized-stage epochs, overriding --epochs (one value per stage).")
+flags.DEFINE_integer("pretrain_epochs", 0, "Epochs of full-precision pretraining before the quantized stages.")
+flags.DEFINE_string("init_from", None, "Start from this full-precision model (.keras file or a tfq model_dir).")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("steps_per_epoch", None, "Limit the steps of every epoch (quick runs).")
+flags.DEFINE_float("lr", 1e-3, "Initial learning rate of quantized stages.")
+flags.DEFINE_integer("lr_decay_epochs", 10, "Quantized stages divide the lr every this many epochs.")
+flags.DEFINE_float("pretrain_lr", 1e-2, "Initial learning rate of full-precision pretraining.")
+flags.DEFINE_integer("pretrain_lr_decay_epochs", 30, "Pretraining divides the lr every this many epochs.")
+flags.DEFINE_float("lr_decay_factor", 0.1, "Factor applied to the lr at each decay.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_bool("nesterov", True, "Nesterov momentum.")
+flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (Keras SGD's decoupled weight_decay).")
+
+flags.DEFINE_float("guidance_weight", 0.5, "lambda: weight of the guidance loss R.")
+flags.DEFINE_enum("guidance_norm", "mean", ["mean", "sum"], "R over a feature map: mean or sum of squares.")
+flags.DEFINE_list("guidance_layers", None, "Guidance layer names (default: the model's two guidance points).")
+flags.DEFINE_bool("freeze_fp", False, "Guided stages keep the full-precision net fixed (no joint training).")
+
+flags.DEFINE_string("model_dir", "runs/demo", "Output folder (resumes if it holds the same run).")
+flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation).")
+flags.DEFINE_bool("deterministic", False, "Deterministic ops and input pipeline (slower).")
+flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras verbosity: auto = bars on a terminal, one line per epoch otherwise.")
+flags.DEFINE_enum("distribution", "none", ["none", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
+flags.DEFINE_bool("sync_batchnorm", False, "Synchronise BatchNorm statistics across replicas.")
+flags.DEFINE_string("tpu", None, "TPU name or address for --distribution=tpu.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (see the flags for meanings)."""
+
+    model: str = "resnet20"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    data_options: tuple = ()
+    download: bool = False
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    holdout: int = 0
+    eval_split: str = "test"
+    image_size: int | None = None
+    mean: str = "per_pixel"
+    skip_corrupt: bool = False
+    methods: tuple = ("baseline",)
+    w_bits: int = 4
+    a_bits: int = 4
+    pq_sequence: tuple = (32, 8, 4, 2)
+    fp_first_last: bool = False
+    fp_activation: str = "relu"
+    epochs: int = 10
+    stage_epochs: tuple | None = None
+    pretrain_epochs: int = 0
+    init_from: str | None = None
+    batch_size: int = 128
+    steps_per_epoch: int | None = None
+    lr: float = 1e-3
+    lr_decay_epochs: int = 10
+    pretrain_lr: float = 1e-2
+    pretrain_lr_decay_epochs: int = 30
+    lr_decay_factor: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    guidance_weight: float = 0.5
+    guidance_norm: str = "mean"
+    guidance_layers: tuple | None = None
+    freeze_fp: bool = False
+    model_dir: str = "runs/demo"
+    seed: int = 0
+    deterministic: bool = False
+    verbose: str = "auto"
+    distribution: str = "none"
+    sync_batchnorm: bool = False
+    tpu: str | None = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    # Keys that may differ between a run and its resumption.
+    RESUME_FREE = ("verbose", "model_dir", "init_from", "download", "tpu")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message says what is accepted."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _positive(name, value, allow_none=False, allow_zero=False):
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"--{name} must be an integer {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+def validate(cfg):
+    """Checks a config before any work; returns it.
+
+    Raises:
+      ConfigError: the first problem found, naming the flag and what is accepted.
+    """
+    from tfq import data, models, precision
+    from tfq import quantizers as qz
+
+    try:
+        models.spec(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    known = data.names()
+    if cfg.dataset not in known and not cfg.dataset.startswith("tfds:"):
+        raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(known)}, or tfds:<name>")
+    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+        raise ConfigError(f"--data_dir: {cfg.data_dir!r} does not exist or is not a folder")
+    for name in ("w_bits", "a_bits"):
+        try:
+            qz.check_bits(getattr(cfg, name), name)
+        except ValueError as e:
+            raise ConfigError(f"--{name}: {e}") from None
+    try:
+        precision.check_pq_sequence(cfg.pq_sequence)
+    except ValueError as e:
+        raise ConfigError(f"--pq_sequence: {e}") from None
+    if not cfg.methods:
+        raise ConfigError("--method is empty")
+    for m in cfg.methods:
+        try:
+            precision.parse_method(m)
+        except ValueError as e:
+            raise ConfigError(f"--method: {e}") from None
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"--method lists a method twice: {','.join(cfg.methods)}")
+    quantized = [m for m in cfg.methods if m != "fp"]
+    if quantized and cfg.w_bits == 32 and cfg.a_bits == 32:
+        raise ConfigError("--w_bits/--a_bits: quantized methods need a target below 32 bits")
+    if "fp" in cfg.methods and len(cfg.methods) > 1 and not cfg.pretrain_epochs:
+        raise ConfigError("--method lists fp with other methods: set --pretrain_epochs for the shared FP stage")
+    _positive("epochs", cfg.epochs)
+    _positive("pretrain_epochs", cfg.pretrain_epochs, allow_zero=True)
+    _positive("batch_size", cfg.batch_size)
+    _positive("steps_per_epoch", cfg.steps_per_epoch, allow_none=True)
+    _positive("train_limit", cfg.train_limit, allow_none=True)
+    _positive("eval_limit", cfg.eval_limit, allow_none=True)
+    _positive("holdout", cfg.holdout, allow_zero=True)
+    _positive("lr_decay_epochs", cfg.lr_decay_epochs)
+    _positive("pretrain_lr_decay_epochs", cfg.pretrain_lr_decay_epochs)
+    if cfg.stage_epochs is not None:
+        for e in cfg.stage_epochs:
+            _positive("stage_epochs", e)
+    for name in ("lr", "pretrain_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name} must be > 0; got {getattr(cfg, name)}")
+    if not 0 < cfg.lr_decay_factor <= 1:
+        raise ConfigError(f"--lr_decay_factor must be in (0, 1]; got {cfg.lr_decay_factor}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1); got {cfg.momentum}")
+    if cfg.weight_decay < 0 or cfg.guidance_weight < 0:
+        raise ConfigError("--weight_decay and --guidance_weight must be >= 0")
+    if cfg.eval_split == "holdout" and not cfg.holdout:
+        raise ConfigError("--eval_split=holdout needs --holdout > 0")
+    if cfg.init_from is not None and not os.path.exists(cfg.init_from):
+        raise ConfigError(f"--init_from: {cfg.init_from!r} does not exist")
+    if cfg.stage_epochs is not None and len(quantized) > 1:
+        raise ConfigError("--stage_epochs applies to a single quantized method; run methods separately")
+    for m in quantized:  # expands every plan, so stage_epochs mismatches fail now
+        try:
+            _method_stages(cfg, m)
+        except ValueError as e:
+            raise ConfigError(f"--method {m}: {e}") from None
+    parent = os.path.dirname(os.path.abspath(cfg.model_dir))
+    if os.path.exists(cfg.model_dir) and not os.path.isdir(cfg.model_dir):
+        raise ConfigError(f"--model_dir: {cfg.model_dir!r} exists and is not a folder")
+    probe = cfg.model_dir if os.path.isdir(cfg.model_dir) else parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"--model_dir: cannot write under {probe!r}")
+    return cfg
+
+
+def config_from_flags(f=FLAGS):
+    """Maps parsed flags to a validated ``TrainConfig`` (the only reader of FLAGS)."""
+    w_bits, a_bits = (f.bits, f.bits) if f.bits is not None else (f.w_bits, f.a_bits)
+
+    def ints(name, values):
+        try:
+            return tuple(int(v) for v in values)
+        except ValueError:
+            raise ConfigError(f"--{name} must be comma-separated integers; got {','.join(values)}") from None
+
+    options = []
+    for item in f.data_option:
+        if "=" not in item:
+            raise ConfigError(f"--data_option must be key=value; got {item!r}")
+        options.append(tuple(item.split("=", 1)))
+    cfg = TrainConfig(
+        model=f.model, dataset=f.dataset, data_dir=f.data_dir, data_options=tuple(options),
+        download=f.download, train_limit=f.train_limit, eval_limit=f.eval_limit,
+        holdout=f.holdout, eval_split=f.eval_split, image_size=f.image_size, mean=f.mean,
+        skip_corrupt=f.skip_corrupt,
+        methods=tuple(m.strip() for m in f.method.split(",") if m.strip()),
+        w_bits=w_bits, a_bits=a_bits, pq_sequence=ints("pq_sequence", f.pq_sequence),
+        fp_first_last=f.fp_first_last, fp_activation=f.fp_activation, epochs=f.epochs,
+        stage_epochs=ints("stage_epochs", f.stage_epochs) if f.stage_epochs else None,
+        pretrain_epochs=f.pretrain_epochs, init_from=f.init_from, batch_size=f.batch_size,
+        steps_per_epoch=f.steps_per_epoch, lr=f.lr, lr_decay_epochs=f.lr_decay_epochs,
+        pretrain_lr=f.pretrain_lr, pretrain_lr_decay_epochs=f.pretrain_lr_decay_epochs,
+        lr_decay_factor=f.lr_decay_factor, momentum=f.momentum, nesterov=f.nesterov,
+        weight_decay=f.weight_decay, guidance_weight=f.guidance_weight,
+        guidance_norm=f.guidance_norm,
+        guidance_layers=tuple(f.guidance_layers) if f.guidance_layers else None,
+        freeze_fp=f.freeze_fp, model_dir=f.model_dir, seed=f.seed,
+        deterministic=f.deterministic, verbose=f.verbose, distribution=f.distribution,
+        sync_batchnorm=f.sync_batchnorm, tpu=f.tpu,
+    )
+    return validate(cfg)
+
+
+def _method_stages(cfg, method):
+    from tfq import precision
+
+    return precision.plan_stages(
+        method, w_bits=cfg.w_bits, a_bits=cfg.a_bits, pq_sequence=cfg.pq_sequence,
+        epochs=cfg.epochs, stage_epochs=cfg.stage_epochs, pretrain_epochs=0, lr=cfg.lr,
+        lr_decay_epochs=cfg.lr_decay_epochs, lr_decay_factor=cfg.lr_decay_factor,
+    )
+
+
+def plan_run(cfg):
+    """The run's stages as (method, stage key, Stage), in execution order.
+
+    The shared full-precision stage (key ``00_fp``) comes first when pretraining or
+    when ``fp`` is the only method.
+    """
+    from tfq import precision
+
+    fp_epochs = cfg.pretrain_epochs or (cfg.epochs if cfg.methods == ("fp",) else 0)
+    run = []
+    if fp_epochs:
+        fp = precision.plan_stages("fp", w_bits=32, a_bits=32, pretrain_epochs=fp_epochs,
+                                   pretrain_lr=cfg.pretrain_lr,
+                                   pretrain_lr_decay_epochs=cfg.pretrain_lr_decay_epochs,
+                                   lr_decay_factor=cfg.lr_decay_factor)[0]
+        run.append(("fp", "00_fp", fp))
+    for method in cfg.methods:
+        if method == "fp":
+            continue
+        for i, stage in enumerate(_method_stages(cfg, method), start=1):
+            run.append((method, f"{method}/{i:02d}_{stage.name}", stage))
+    return run
+
+
+# --------------------------------------------------------------------------- run
+
+
+class _Run:
+    """Paths and persistent state of one model_dir."""
+
+    def __init__(self, cfg):
+        from tfq import runstate
+
+        self.cfg = cfg
+        self.dir = cfg.model_dir
+        self.rs = runstate
+        self.state_path = os.path.join(self.dir, "state.json")
+        self.state = runstate.read_json(self.state_path, {"stages": {}})
+
+    def stage_dir(self, key):
+        return os.path.join(self.dir, "stages", key)
+
+    def stage_state(self, key):
+        return self.state["stages"].setdefault(key, {"status": "pending", "history": []})
+
+    def save_state(self):
+        self.rs.write_json(self.state_path, self.state)
+
+    def check_config(self):
+        path = os.path.join(self.dir, "config.json")
+        new = self.cfg.to_dict()
+        old = self.rs.read_json(path)
+        if old is not None:
+            diff = sorted(k for k in set(old) | set(new)
+                          if k not in TrainConfig.RESUME_FREE and _norm(old.get(k)) != _norm(new.get(k)))
+            if diff:
+                detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                raise ConfigError(
+                    f"{self.dir} holds a run with a different config ({detail}); "
+                    "use another --model_dir to start a new run"
+                )
+        self.rs.write_json(path, new)
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _verbose(cfg):
+    if cfg.verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return int(cfg.verbose)
+
+
+def _optimizer(cfg, lr):
+    import keras
+
+    return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay or None)
+
+
+def _metrics():
+    import keras
+
+    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")]
+
+
+def _callbacks(run, key, stage, ckpt_dir):
+    """Keras callbacks of a stage: lr schedule, NaN guard, checkpoint + logs."""
+    import keras
+
+    class StageSchedule(keras.callbacks.Callback):
+        """Step lr decay per epoch, applied to every optimizer of the model."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            lr = stage.lr * stage.lr_decay_factor ** (epoch // stage.lr_decay_epochs)
+            for opt in (self.model.optimizer, getattr(self.model, "fp_optimizer", None)):
+                if opt is not None:
+                    opt.learning_rate = lr
+            self.lr = lr
+
+    class NanGuard(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.bad = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)) and self.bad is None:
+                self.bad = (self.epoch, batch, float(loss))
+                self.model.stop_training = True
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+    schedule, guard = StageSchedule(), NanGuard()
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if guard.bad is not None:
+                return
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            if not all(math.isfinite(v) for k, v in logs.items() if "loss" in k):
+                guard.bad = (epoch, None, logs.get("loss", float("nan")))
+                self.model.stop_training = True
+                return
+            path = os.path.join(ckpt_dir, f"epoch_{epoch + 1:04d}.weights.h5")
+            with run.rs.atomic_path(path, ".weights.h5") as tmp:
+                self.model.save_weights(tmp)
+            st = run.stage_state(key)
+            st["status"] = "running"
+            st["checkpoint"] = os.path.relpath(path, run.dir)
+            st["epochs_done"] = epoch + 1
+            st["history"].append({"epoch": epoch + 1, "lr": schedule.lr,
+                                  "time_s": time.time() - self.t0, **logs})
+            run.save_state()
+            for old in glob.glob(os.path.join(ckpt_dir, "epoch_*.weights.h5")):
+                if old != path:
+                    os.unlink(old)
+            _write_logs(run)
+
+    return [schedule, guard, EpochCheckpoint()], guard
+
+
+def _write_logs(run):
+    """log.csv and curves.png, rebuilt from state.json (so they survive any crash)."""
+    rows, order = [], [key for _, key, _ in plan_run(run.cfg)]
+    g = 0
+    for key in order:
+        st = run.state["stages"].get(key)
+        if not st:
+            continue
+        for h in st["history"]:
+            g += 1
+            rows.append({"stage": key, "global_epoch": g, **h})
+    if not rows:
+        return
+    fields = ["stage", "global_epoch", "epoch", "lr", "time_s"]
+    fields += sorted({k for r in rows for k in r} - set(fields))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    run.rs.write_text(os.path.join(run.dir, "log.csv"), buf.getvalue())
+    from tfq import plots
+
+    with run.rs.atomic_path(os.path.join(run.dir, "curves.png"), ".png") as tmp:
+        plots.stage_curves(rows, tmp, title=f"{run.cfg.model} on {run.cfg.dataset}")
+
+
+def _load_model(path):
+    import keras
+
+    from tfq import runstate
+
+    if os.path.isdir(path):
+        results = runstate.read_json(os.path.join(path, "results.json"))
+        if not results or "final_model" not in results:
+            raise ConfigError(f"{path} is a folder without results.json/final_model: not a tfq model_dir")
+        path = os.path.join(path, results["final_model"])
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for unreadable files
+        raise ConfigError(f"cannot load a Keras model from {path}: {e}") from None
+
+
+def _check_same_architecture(model, reference, source):
+    got = [(w.path, tuple(w.shape)) for w in model.weights]
+    want = [(w.path, tuple(w.shape)) for w in reference.weights]
+    if [s for _, s in got] != [s for _, s in want]:
+        raise ConfigError(
+            f"--init_from {source}: its architecture does not match {reference.name} "
+            f"with these options ({len(got)} vs {len(want)} weights)"
+        )
+
+
+def train(cfg, out=print):
+    """Runs (or resumes) every stage of ``cfg``; returns the results dict.
+
+    Raises:
+      ConfigError: bad configuration or a model_dir holding another run.
+      TrainingDiverged: a stage's loss became NaN or infinite.
+    """
+    import keras
+
+    from tfq import data, distribute, models, precision, runstate
+
+    run = _Run(cfg)
+    with runstate.RunLock(cfg.model_dir):
+        run.check_config()
+        keras.utils.set_random_seed(cfg.seed)
+        if cfg.deterministic:
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
+        strategy = distribute.make_strategy(cfg)
+        opts = dict(cfg.data_options)
+        info = data.info(cfg.dataset, data_dir=cfg.data_dir, **opts)
+        mean = _mean(cfg, run, info, opts)
+        common = dict(data_dir=cfg.data_dir, image_size=cfg.image_size, mean=mean,
+                      holdout=cfg.holdout, download=cfg.download, seed=cfg.seed,
+                      deterministic=cfg.deterministic, **opts)
+        train_ds = distribute.dataset(strategy, cfg.dataset, "train", cfg.batch_size,
+                                      training=True, limit=cfg.train_limit,
+                                      skip_corrupt=cfg.skip_corrupt, **common)
+        eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
+                                     training=False, limit=cfg.eval_limit, **common)
+        input_shape = tuple(info.image_shape)
+        plan = plan_run(cfg)
+        out(f"tfq: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, input {input_shape}), "
+            f"methods {', '.join(cfg.methods)}, target W{cfg.w_bits}A{cfg.a_bits}")
+        out(_format_run_plan(plan))
+
+        def fresh():
+            return models.build(cfg.model, num_classes=info.num_classes, input_shape=input_shape,
+                                fp_first_last=cfg.fp_first_last, fp_activation=cfg.fp_activation)
+
+        def start_model():
+            """The weights every method's first stage starts from."""
+            if "00_fp" in run.state["stages"] and run.state["stages"]["00_fp"]["status"] == "done":
+                return keras.models.load_model(os.path.join(run.dir, run.state["stages"]["00_fp"]["model"]))
+            if cfg.init_from:
+                m = _load_model(cfg.init_from)
+                _check_same_architecture(m, fresh(), cfg.init_from)
+                return m
+            keras.utils.set_random_seed(cfg.seed)  # every method from the same init
+            return fresh()
+
+        prev_key = {}
+        for method, key, stage in plan:
+            st = run.stage_state(key)
+            if st["status"] == "done":
+                out(f"[{key}] finished earlier: top-1 {st['result']['top1']:.4f}; skipping")
+                prev_key[method] = key
+                continue
+            with strategy.scope():
+                prev = prev_key.get(method)
+                if prev is not None:
+                    model = keras.models.load_model(os.path.join(run.dir, run.state["stages"][prev]["model"]))
+                else:
+                    model = start_model()
+                fp_model = None
+                if stage.guided:
+                    fp_model = _guidance_teacher(run, prev, start_model)
+                precision.set_precision(model, stage.w_bits, stage.a_bits)
+                if cfg.sync_batchnorm:
+                    distribute.sync_batchnorm(model)
+                result = _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out)
+            prev_key[method] = key
+            st = run.stage_state(key)
+            st.update(status="done", result={"method": method, **result}, model=result["model"])
+            if fp_model is not None:
+                st["fp_model"] = result["fp_model"]
+            run.save_state()
+            _write_results(run, plan)
+        results = _write_results(run, plan)
+    out(format_results(results))
+    out(f"results: {os.path.join(cfg.model_dir, 'results.json')}; "
+        f"curves: {os.path.join(cfg.model_dir, 'curves.png')}")
+    return results
+
+
+def _guidance_teacher(run, prev_key, start_model):
+    """The full-precision net of a guided stage: the previous guided stage's
+    (co-trained) one, else the pretrained / initial full-precision model."""
+    import keras
+
+    from tfq import precision
+
+    if prev_key is not None:
+        fp_path = run.state["stages"][prev_key].get("fp_model")
+        if fp_path:
+            return keras.models.load_model(os.path.join(run.dir, fp_path))
+    fp = start_model()
+    precision.set_precision(fp, 32, 32, include_pinned=True)
+    return fp
+
+
+def _mean(cfg, run, info, opts):
+    import numpy as np
+
+    from tfq import data
+
+    if cfg.mean == "none":
+        return "none"
+    path = os.path.join(run.dir, "mean.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    mean = np.asarray(data.pixel_mean(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts),
+                      dtype="float32")
+    with run.rs.atomic_path(path, ".npy") as tmp:
+        np.save(tmp, mean)
+    return mean
+
+
+def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
+    import keras
+
+    from tfq.guided import GuidedModel
+
+    sdir = run.stage_dir(key)
+    ckpt_dir = os.path.join(sdir, "ckpt")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    st = run.stage_state(key)
+    keep = os.path.join(run.dir, st["checkpoint"]) if st.get("checkpoint") else None
+    for stray in glob.glob(os.path.join(ckpt_dir, "*")) + glob.glob(os.path.join(ckpt_dir, ".tmp-*")):
+        if stray != keep:  # half-written files of a killed run, or never-recorded epochs
+            os.unlink(stray)
+    if stage.guided:
+        trainee = GuidedModel(fp_model, model, guidance_layers=cfg.guidance_layers,
+                              guidance_weight=cfg.guidance_weight,
+                              guidance_norm=cfg.guidance_norm, freeze_fp=cfg.freeze_fp)
+        trainee.compile(_optimizer(cfg, stage.lr), metrics=_metrics(),
+                        fp_optimizer=_optimizer(cfg, stage.lr))
+    else:
+        trainee = model
+        trainee.compile(_optimizer(cfg, stage.lr), loss="sparse_categorical_crossentropy",
+                        metrics=_metrics())
+
+    initial_epoch = 0
+    if st.get("checkpoint") and st.get("epochs_done"):
+        trainee.optimizer.build(model.trainable_variables)
+        if stage.guided and not cfg.freeze_fp:
+            trainee.fp_optimizer.build(fp_model.trainable_variables)
+        trainee.load_weights(os.path.join(run.dir, st["checkpoint"]))
+        initial_epoch = st["epochs_done"]
+        out(f"[{key}] resuming after epoch {initial_epoch}/{stage.epochs}")
+    # History beyond the checkpoint belongs to epochs that will run again.
+    st["history"] = [h for h in st["history"] if h["epoch"] <= initial_epoch]
+
+    out(f"[{key}] W{stage.w_bits}A{stage.a_bits}{' guided' if stage.guided else ''}, "
+        f"{stage.epochs} epochs, lr {stage.lr:g}")
+    callbacks, guard = _callbacks(run, key, stage, ckpt_dir)
+    callbacks.append(keras.callbacks.TensorBoard(
+        log_dir=os.path.join(run.dir, "tensorboard", key.replace("/", "_")),
+        write_graph=False, profile_batch=0))
+    from tfq import data
+
+    callbacks += data.callbacks_for(train_ds) if hasattr(data, "callbacks_for") else []
+    if initial_epoch < stage.epochs:
+        trainee.fit(train_ds, validation_data=eval_ds, epochs=stage.epochs,
+                    initial_epoch=initial_epoch, steps_per_epoch=cfg.steps_per_epoch,
+                    callbacks=callbacks, verbose=_verbose(cfg), shuffle=False)
+    if guard.bad is not None:
+        epoch, batch, loss = guard.bad
+        where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
+        kept = st.get("checkpoint")
+        raise TrainingDiverged(
+            f"stage {key}: the loss became {loss} at {where}; training stopped. "
+            + (f"The last good checkpoint (epoch {st['epochs_done']}) is kept at "
+               f"{os.path.join(run.dir, kept)}. " if kept else "No epoch had finished. ")
+            + "Lower --lr (or --pretrain_lr), check the data, then rerun the same command."
+        )
+
+    # Final evaluation of the low-bit net alone: cross-entropy, top-1, top-5.
+    ev = evaluate(model, eval_ds)
+    model_path = os.path.join(sdir, "model.keras")
+    _save_plain(run, model, model_path)
+    result = {
+        "name": stage.name, "stage": key, "w_bits": stage.w_bits, "a_bits": stage.a_bits,
+        "guided": stage.guided, "epochs": stage.epochs,
+        "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"],
+        "wall_time_s": float(sum(h.get("time_s", 0.0) for h in st["history"])),
+        "model": os.path.relpath(model_path, run.dir),
+    }
+    if fp_model is not None:
+        fp_path = os.path.join(sdir, "fp_model.keras")
+        _save_plain(run, fp_model, fp_path)
+        result["fp_model"] = os.path.relpath(fp_path, run.dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    out(f"[{key}] done: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss {result['loss']:.4f}")
+    return result
+
+
+def evaluate(model, dataset):
+    """Top-1, top-5 and mean cross-entropy of ``model`` on ``dataset``.
+
+    Recompiles ``model`` (stage models are saved as uncompiled copies, so the
+    training optimizer it loses here is never needed again).
+    """
+    model.compile(loss="sparse_categorical_crossentropy", metrics=_metrics())
+    ev = model.evaluate(dataset, verbose=0, return_dict=True)
+    return {"top1": float(ev["accuracy"]), "top5": float(ev["top5"]), "loss": float(ev["loss"])}
+
+
+def _save_plain(run, model, path):
+    """Saves an uncompiled copy: a stage's model carries no optimizer state."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    with run.rs.atomic_path(path, ".keras") as tmp:
+        copy.save(tmp)
+
+
+def _write_results(run, plan):
+    stages = []
+    for _, key, _ in plan:
+        st = run.state["stages"].get(key)
+        if st and st.get("status") == "done":
+            stages.append(st["result"])
+    last = {}
+    for method, key, _ in plan:
+        st = run.state["stages"].get(key)
+        if st and st.get("status") == "done":
+            last[method] = st["result"]
+    methods = {}
+    for m in run.cfg.methods:
+        src = "fp" if m == "fp" else m
+        if src in last:
+            methods[m] = {"top1": last[src]["top1"], "top5": last[src]["top5"],
+                          "loss": last[src]["loss"], "final_model": last[src]["model"]}
+    final = stages[-1]["model"] if stages else None
+    results = {"model": run.cfg.model, "dataset": run.cfg.dataset,
+               "w_bits": run.cfg.w_bits, "a_bits": run.cfg.a_bits,
+               "complete": len(stages) == len(plan),
+               "stages": stages, "methods": methods, "final_model": final}
+    run.rs.write_json(os.path.join(run.dir, "results.json"), results)
+    return results
+
+
+def _format_run_plan(plan):
+    head = f"{'#':>2}  {'method':<14} {'stage':<16} {'W':>3} {'A':>3} {'guided':>6} {'epochs':>6} {'lr':>8}  schedule"
+    rows = ["stages:", head, "-" * len(head)]
+    for i, (method, _, s) in enumerate(plan):
+        rows.append(f"{i:>2}  {method:<14} {s.name:<16} {s.w_bits:>3} {s.a_bits:>3} "
+                    f"{'yes' if s.guided else 'no':>6} {s.epochs:>6} {s.lr:>8g}  "
+                    f"x{s.lr_decay_factor:g} every {s.lr_decay_epochs} epochs")
+    return "\n".join(rows)
+
+
+def format_results(results):
+    """The per-method results as a printable table."""
+    rows = [f"{'method':<16} {'top-1':>7} {'top-5':>7} {'loss':>8}  final model"]
+    for m, r in results["methods"].items():
+        rows.append(f"{m:<16} {100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}% "
+                    f"{r['loss']:>8.4f}  {r['final_model']}")
+    return "\n".join(rows)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        cfg = config_from_flags()
+        train(cfg)
+    except (ConfigError, TrainingDiverged, RuntimeError) as e:
+        print(f"tfq.train: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except ValueError as e:  # bad data (tfq.data.DataError) and similar input problems
+        print(f"tfq.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
