@@ -58,6 +58,7 @@ def test_cli_end_to_end(tmp_path):
 
     final = keras.models.load_model(d / res["final_model"])
     assert tfq.get_precision(final) == tfq.Precision(4, 4)
+    assert not final.compiled  # stage models carry no optimizer state
     assert not list((d / "stages").rglob("ckpt/*"))  # checkpoints go once a stage is done
 
     # Rerunning the finished command trains nothing.
@@ -216,7 +217,7 @@ def test_atomic_write_survives_a_crash_mid_write(tmp_path):
 
 def test_run_lock_refuses_a_second_process(tmp_path):
     with runstate.RunLock(tmp_path):
-        with pytest.raises(RuntimeError, match="in use"):
+        with pytest.raises(runstate.RunBusy, match="in use"):
             with runstate.RunLock(tmp_path):
                 pass
     with runstate.RunLock(tmp_path):  # released

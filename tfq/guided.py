@@ -171,6 +171,11 @@ class GuidedModel(keras.Model):
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         self.fp_optimizer = keras.optimizers.get(fp_optimizer)
         self._ce = _as_loss(loss)
+        # Built here, each on its own net: Keras would otherwise give the low-bit
+        # optimizer slots for every variable of the pair, and a lazily built second
+        # optimizer cannot create its variables inside a tf.distribute replica step.
+        self.optimizer.build(self.low_net.trainable_variables)
+        self.fp_optimizer.build(self.fp_net.trainable_variables)
 
     def get_compile_config(self):
         # The pair of optimizers is rebuilt by whoever resumes training.

@@ -78,11 +78,15 @@ def read_json(path, default=None):
         return json.load(f)
 
 
+class RunBusy(RuntimeError):
+    """Another live process is training in the same run directory."""
+
+
 class RunLock:
     """An exclusive lock on a run directory (released by the OS if the process dies).
 
     Raises:
-      RuntimeError: another live process holds the lock.
+      RunBusy: another live process holds the lock.
     """
 
     def __init__(self, directory):
@@ -96,7 +100,7 @@ class RunLock:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._f.close()
-            raise RuntimeError(
+            raise RunBusy(
                 f"{os.path.dirname(self.path)} is in use by another training process; "
                 "wait for it to finish or choose another --model_dir"
             ) from None

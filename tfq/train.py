@@ -32,6 +32,7 @@ checkpoint stays in place.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -330,23 +331,28 @@ def plan_run(cfg):
 class _Run:
     """Paths and persistent state of one model_dir."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, writable=True, task="chief"):
         from tfq import runstate
 
         self.cfg = cfg
         self.dir = cfg.model_dir
+        self.writable = writable  # False on non-chief workers: they never write here
+        # Non-chief workers must run the same saves as the chief (saving can involve
+        # collective ops), so they write copies into a private scratch folder.
+        self.scratch = os.path.join(cfg.model_dir, "workers", task)
         self.rs = runstate
         self.state_path = os.path.join(self.dir, "state.json")
         self.state = runstate.read_json(self.state_path, {"stages": {}})
 
     def stage_dir(self, key):
-        return os.path.join(self.dir, "stages", key)
+        return os.path.join(self.dir if self.writable else self.scratch, "stages", key)
 
     def stage_state(self, key):
         return self.state["stages"].setdefault(key, {"status": "pending", "history": []})
 
     def save_state(self):
-        self.rs.write_json(self.state_path, self.state)
+        if self.writable:
+            self.rs.write_json(self.state_path, self.state)
 
     def check_config(self):
         path = os.path.join(self.dir, "config.json")
@@ -361,7 +367,8 @@ class _Run:
                     f"{self.dir} holds a run with a different config ({detail}); "
                     "use another --model_dir to start a new run"
                 )
-        self.rs.write_json(path, new)
+        if self.writable:
+            self.rs.write_json(path, new)
 
 
 def _norm(v):
@@ -439,11 +446,12 @@ def _callbacks(run, key, stage, ckpt_dir):
             st["epochs_done"] = epoch + 1
             st["history"].append({"epoch": epoch + 1, "lr": schedule.lr,
                                   "time_s": time.time() - self.t0, **logs})
-            run.save_state()
             for old in glob.glob(os.path.join(ckpt_dir, "epoch_*.weights.h5")):
                 if old != path:
                     os.unlink(old)
-            _write_logs(run)
+            if run.writable:
+                run.save_state()
+                _write_logs(run)
 
     return [schedule, guard, EpochCheckpoint()], guard
 
@@ -503,103 +511,130 @@ def _check_same_architecture(model, reference, source):
 def train(cfg, out=print):
     """Runs (or resumes) every stage of ``cfg``; returns the results dict.
 
+    Under a multi-worker strategy every worker runs this function; only the chief
+    writes the run's files. The other workers keep their state in memory and make
+    the same saves into ``model_dir/workers/<task>/`` (saving can involve collective
+    ops, which every worker must join); their stage models stay there, so replicas
+    can be compared.
+    Stages hand their models to the next stage in memory, so workers never wait for
+    files the chief is still writing; files are read only when resuming.
+
     Raises:
       ConfigError: bad configuration or a model_dir holding another run.
       TrainingDiverged: a stage's loss became NaN or infinite.
     """
-    import keras
+    from tfq import distribute, runstate
 
-    from tfq import data, distribute, models, precision, runstate
-
-    run = _Run(cfg)
-    with runstate.RunLock(cfg.model_dir):
-        run.check_config()
-        keras.utils.set_random_seed(cfg.seed)
-        if cfg.deterministic:
-            import tensorflow as tf
-
-            tf.config.experimental.enable_op_determinism()
+    # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
+    try:
         strategy = distribute.make_strategy(cfg)
-        opts = dict(cfg.data_options)
-        info = data.info(cfg.dataset, data_dir=cfg.data_dir, **opts)
-        mean = _mean(cfg, run, info, opts)
-        common = dict(data_dir=cfg.data_dir, image_size=cfg.image_size, mean=mean,
-                      holdout=cfg.holdout, download=cfg.download, seed=cfg.seed,
-                      deterministic=cfg.deterministic, **opts)
-        train_ds = distribute.dataset(strategy, cfg.dataset, "train", cfg.batch_size,
-                                      training=True, limit=cfg.train_limit,
-                                      skip_corrupt=cfg.skip_corrupt, **common)
-        eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
-                                     training=False, limit=cfg.eval_limit, **common)
-        input_shape = tuple(info.image_shape)
-        plan = plan_run(cfg)
-        out(f"tfq: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, input {input_shape}), "
-            f"methods {', '.join(cfg.methods)}, target W{cfg.w_bits}A{cfg.a_bits}")
-        out(_format_run_plan(plan))
-
-        def fresh():
-            return models.build(cfg.model, num_classes=info.num_classes, input_shape=input_shape,
-                                fp_first_last=cfg.fp_first_last, fp_activation=cfg.fp_activation)
-
-        def start_model():
-            """The weights every method's first stage starts from."""
-            if "00_fp" in run.state["stages"] and run.state["stages"]["00_fp"]["status"] == "done":
-                return keras.models.load_model(os.path.join(run.dir, run.state["stages"]["00_fp"]["model"]))
-            if cfg.init_from:
-                m = _load_model(cfg.init_from)
-                _check_same_architecture(m, fresh(), cfg.init_from)
-                return m
-            keras.utils.set_random_seed(cfg.seed)  # every method from the same init
-            return fresh()
-
-        prev_key = {}
-        for method, key, stage in plan:
-            st = run.stage_state(key)
-            if st["status"] == "done":
-                out(f"[{key}] finished earlier: top-1 {st['result']['top1']:.4f}; skipping")
-                prev_key[method] = key
-                continue
-            with strategy.scope():
-                prev = prev_key.get(method)
-                if prev is not None:
-                    model = keras.models.load_model(os.path.join(run.dir, run.state["stages"][prev]["model"]))
-                else:
-                    model = start_model()
-                fp_model = None
-                if stage.guided:
-                    fp_model = _guidance_teacher(run, prev, start_model)
-                precision.set_precision(model, stage.w_bits, stage.a_bits)
-                if cfg.sync_batchnorm:
-                    distribute.sync_batchnorm(model)
-                result = _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out)
-            prev_key[method] = key
-            st = run.stage_state(key)
-            st.update(status="done", result={"method": method, **result}, model=result["model"])
-            if fp_model is not None:
-                st["fp_model"] = result["fp_model"]
-            run.save_state()
-            _write_results(run, plan)
-        results = _write_results(run, plan)
-    out(format_results(results))
-    out(f"results: {os.path.join(cfg.model_dir, 'results.json')}; "
-        f"curves: {os.path.join(cfg.model_dir, 'curves.png')}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    chief = distribute.is_chief(strategy)
+    run = _Run(cfg, writable=chief, task=distribute.task_name(strategy))
+    lock = runstate.RunLock(cfg.model_dir) if chief else contextlib.nullcontext()
+    with lock:
+        results = _train_locked(cfg, run, strategy, out)
+    if chief:
+        out(format_results(results))
+        out(f"results: {os.path.join(cfg.model_dir, 'results.json')}; "
+            f"curves: {os.path.join(cfg.model_dir, 'curves.png')}")
     return results
 
 
-def _guidance_teacher(run, prev_key, start_model):
-    """The full-precision net of a guided stage: the previous guided stage's
-    (co-trained) one, else the pretrained / initial full-precision model."""
+def _train_locked(cfg, run, strategy, out):
     import keras
 
-    from tfq import precision
+    from tfq import data, distribute, models, precision
 
-    if prev_key is not None:
-        fp_path = run.state["stages"][prev_key].get("fp_model")
-        if fp_path:
-            return keras.models.load_model(os.path.join(run.dir, fp_path))
-    fp = start_model()
-    precision.set_precision(fp, 32, 32, include_pinned=True)
-    return fp
+    run.check_config()
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    opts = dict(cfg.data_options)
+    info = data.info(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts)
+    mean = _mean(cfg, run, info, opts)
+    common = dict(data_dir=cfg.data_dir, image_size=cfg.image_size, mean=mean,
+                  holdout=cfg.holdout, download=cfg.download, seed=cfg.seed,
+                  deterministic=cfg.deterministic, **opts)
+    train_ds = distribute.dataset(strategy, cfg.dataset, "train", cfg.batch_size,
+                                  training=True, limit=cfg.train_limit,
+                                  skip_corrupt=cfg.skip_corrupt, **common)
+    eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
+                                 training=False, limit=cfg.eval_limit, **common)
+    input_shape = tuple(info.image_shape)
+    plan = plan_run(cfg)
+    if run.writable:
+        out(f"tfq: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, input {input_shape}), "
+            f"methods {', '.join(cfg.methods)}, target W{cfg.w_bits}A{cfg.a_bits}"
+            + (f", {strategy.num_replicas_in_sync} replicas" if strategy.num_replicas_in_sync > 1 else ""))
+        out(_format_run_plan(plan))
+
+    def fresh():
+        return models.build(cfg.model, num_classes=info.num_classes, input_shape=input_shape,
+                            fp_first_last=cfg.fp_first_last, fp_activation=cfg.fp_activation)
+
+    start_weights = []  # the full-precision stage's weights, once trained in this process
+
+    def start_model():
+        """A new model holding the weights every method's first stage starts from."""
+        fp_state = run.state["stages"].get("00_fp", {})
+        if start_weights:
+            m = fresh()
+            m.set_weights(start_weights[0])
+            return m
+        if fp_state.get("status") == "done":
+            return keras.models.load_model(os.path.join(run.dir, fp_state["model"]))
+        if cfg.init_from:
+            m = _load_model(cfg.init_from)
+            _check_same_architecture(m, fresh(), cfg.init_from)
+            return m
+        keras.utils.set_random_seed(cfg.seed)  # every method from the same init
+        return fresh()
+
+    def load(key, what):
+        return keras.models.load_model(os.path.join(run.dir, run.state["stages"][key][what]))
+
+    carry = {}  # method -> (model, fp_model or None) handed from stage to stage
+    prev_key = {}
+    for method, key, stage in plan:
+        st = run.stage_state(key)
+        if st["status"] == "done":
+            if run.writable:
+                out(f"[{key}] finished earlier: top-1 {st['result']['top1']:.4f}; skipping")
+            prev_key[method] = key
+            continue
+        prev = prev_key.get(method)
+        with strategy.scope():
+            if method in carry:
+                model, fp_model = carry[method]
+            elif prev is not None:  # resuming after a finished stage of this method
+                model = load(prev, "model")
+                fp_model = load(prev, "fp_model") if run.state["stages"][prev].get("fp_model") else None
+            else:
+                model, fp_model = start_model(), None
+            if stage.guided and fp_model is None:
+                fp_model = start_model()
+                precision.set_precision(fp_model, 32, 32, include_pinned=True)
+            precision.set_precision(model, stage.w_bits, stage.a_bits)
+            if cfg.sync_batchnorm:
+                for net in (model, fp_model):
+                    if net is not None:
+                        distribute.sync_batchnorm(net)
+            result = _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out)
+        if key == "00_fp":
+            start_weights.append(model.get_weights())
+        carry[method] = (model, fp_model if stage.guided else None)
+        prev_key[method] = key
+        st = run.stage_state(key)
+        st.update(status="done", result={"method": method, **result}, model=result["model"])
+        if stage.guided:
+            st["fp_model"] = result["fp_model"]
+        run.save_state()
+        _write_results(run, plan)
+    return _write_results(run, plan)
 
 
 def _mean(cfg, run, info, opts):
@@ -614,8 +649,9 @@ def _mean(cfg, run, info, opts):
         return np.load(path)
     mean = np.asarray(data.pixel_mean(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts),
                       dtype="float32")
-    with run.rs.atomic_path(path, ".npy") as tmp:
-        np.save(tmp, mean)
+    if run.writable:
+        with run.rs.atomic_path(path, ".npy") as tmp:
+            np.save(tmp, mean)
     return mean
 
 
@@ -626,8 +662,8 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
 
     sdir = run.stage_dir(key)
     ckpt_dir = os.path.join(sdir, "ckpt")
-    os.makedirs(ckpt_dir, exist_ok=True)
     st = run.stage_state(key)
+    os.makedirs(ckpt_dir, exist_ok=True)
     keep = os.path.join(run.dir, st["checkpoint"]) if st.get("checkpoint") else None
     for stray in glob.glob(os.path.join(ckpt_dir, "*")) + glob.glob(os.path.join(ckpt_dir, ".tmp-*")):
         if stray != keep:  # half-written files of a killed run, or never-recorded epochs
@@ -645,9 +681,8 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
 
     initial_epoch = 0
     if st.get("checkpoint") and st.get("epochs_done"):
-        trainee.optimizer.build(model.trainable_variables)
-        if stage.guided and not cfg.freeze_fp:
-            trainee.fp_optimizer.build(fp_model.trainable_variables)
+        if not stage.guided:  # GuidedModel.compile builds its optimizers itself
+            trainee.optimizer.build(model.trainable_variables)
         trainee.load_weights(os.path.join(run.dir, st["checkpoint"]))
         initial_epoch = st["epochs_done"]
         out(f"[{key}] resuming after epoch {initial_epoch}/{stage.epochs}")
@@ -657,16 +692,22 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
     out(f"[{key}] W{stage.w_bits}A{stage.a_bits}{' guided' if stage.guided else ''}, "
         f"{stage.epochs} epochs, lr {stage.lr:g}")
     callbacks, guard = _callbacks(run, key, stage, ckpt_dir)
+    from tfq import distribute
+
+    strategy = distribute.current_strategy()
+    callbacks = distribute.prepare(trainee, strategy, train_ds.element_spec) + callbacks
+    tb_root = run.dir if run.writable else run.scratch
     callbacks.append(keras.callbacks.TensorBoard(
-        log_dir=os.path.join(run.dir, "tensorboard", key.replace("/", "_")),
+        log_dir=os.path.join(tb_root, "tensorboard", key.replace("/", "_")),
         write_graph=False, profile_batch=0))
     from tfq import data
 
-    callbacks += data.callbacks_for(train_ds) if hasattr(data, "callbacks_for") else []
+    callbacks += data.callbacks_for(train_ds, eval_ds)
     if initial_epoch < stage.epochs:
-        trainee.fit(train_ds, validation_data=eval_ds, epochs=stage.epochs,
-                    initial_epoch=initial_epoch, steps_per_epoch=cfg.steps_per_epoch,
-                    callbacks=callbacks, verbose=_verbose(cfg), shuffle=False)
+        with data.translate_errors():  # a corrupt image surfaces as a DataError naming it
+            trainee.fit(train_ds, validation_data=eval_ds, epochs=stage.epochs,
+                        initial_epoch=initial_epoch, steps_per_epoch=cfg.steps_per_epoch,
+                        callbacks=callbacks, verbose=_verbose(cfg), shuffle=False)
     if guard.bad is not None:
         epoch, batch, loss = guard.bad
         where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else "")
@@ -679,7 +720,7 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
         )
 
     # Final evaluation of the low-bit net alone: cross-entropy, top-1, top-5.
-    ev = evaluate(model, eval_ds)
+    ev = evaluate(model, eval_ds, strategy)
     model_path = os.path.join(sdir, "model.keras")
     _save_plain(run, model, model_path)
     result = {
@@ -698,13 +739,17 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
     return result
 
 
-def evaluate(model, dataset):
+def evaluate(model, dataset, strategy=None):
     """Top-1, top-5 and mean cross-entropy of ``model`` on ``dataset``.
 
     Recompiles ``model`` (stage models are saved as uncompiled copies, so the
     training optimizer it loses here is never needed again).
     """
+    from tfq import distribute
+
     model.compile(loss="sparse_categorical_crossentropy", metrics=_metrics())
+    if strategy is not None:
+        distribute.prepare(model, strategy, dataset.element_spec)
     ev = model.evaluate(dataset, verbose=0, return_dict=True)
     return {"top1": float(ev["accuracy"]), "top5": float(ev["top5"]), "loss": float(ev["loss"])}
 
@@ -713,7 +758,8 @@ def _save_plain(run, model, path):
     """Saves an uncompiled copy: a stage's model carries no optimizer state."""
     import keras
 
-    copy = keras.models.clone_model(model)
+    # From the config, not clone_model: Keras clones carry the compile state over.
+    copy = type(model).from_config(model.get_config())
     copy.set_weights(model.get_weights())
     with run.rs.atomic_path(path, ".keras") as tmp:
         copy.save(tmp)
@@ -741,7 +787,8 @@ def _write_results(run, plan):
                "w_bits": run.cfg.w_bits, "a_bits": run.cfg.a_bits,
                "complete": len(stages) == len(plan),
                "stages": stages, "methods": methods, "final_model": final}
-    run.rs.write_json(os.path.join(run.dir, "results.json"), results)
+    if run.writable:
+        run.rs.write_json(os.path.join(run.dir, "results.json"), results)
     return results
 
 
@@ -767,15 +814,17 @@ def format_results(results):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from tfq import data, runstate
+
     try:
         cfg = config_from_flags()
         train(cfg)
-    except (ConfigError, TrainingDiverged, RuntimeError) as e:
-        print(f"tfq.train: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except ValueError as e:  # bad data (tfq.data.DataError) and similar input problems
+    except (ConfigError, data.DataError) as e:
         print(f"tfq.train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingDiverged, runstate.RunBusy) as e:
+        print(f"tfq.train: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run():
