@@ -222,3 +222,14 @@ def test_run_lock_refuses_a_second_process(tmp_path):
                 pass
     with runstate.RunLock(tmp_path):  # released
         pass
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "flags")) if f.endswith(".cfg")))
+def test_every_flagfile_resolves_to_a_valid_config(parse, name, tmp_path):
+    cfg = parse(f"--flagfile={os.path.join(ROOT, 'flags', name)}", f"--data_dir={tmp_path}")
+    if name == "demo.cfg":
+        assert cfg.dataset == "digits" and cfg.methods == ("fp", "baseline", "pq+ts+guided")
+        assert (cfg.w_bits, cfg.a_bits) == (4, 4)
+    else:
+        assert cfg.methods == ("pq+ts+guided",) and cfg.w_bits == int(name.split("_")[-1][0])
+        assert cfg.model in ("alexnet", "alexnet_cifar", "resnet50")

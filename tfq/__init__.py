@@ -12,11 +12,12 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tfq import layers, models, precision, quantizers  # noqa: E402
 from tfq.layers import InputQuantizer, QActivation, QConv2D, QDense, Scalar  # noqa: E402
 from tfq.precision import Precision, get_precision, set_precision  # noqa: E402
+from tfq.guided import GuidedModel  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "layers", "models", "precision", "quantizers",
     "QConv2D", "QDense", "QActivation", "InputQuantizer", "Scalar",
-    "Precision", "set_precision", "get_precision",
+    "Precision", "set_precision", "get_precision", "GuidedModel",
 ]
