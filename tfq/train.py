@@ -67,6 +67,8 @@ flags.DEFINE_integer("a_bits", 4, "Target activation bits (1..8 or 32).")
 flags.DEFINE_list("pq_sequence", ["32", "8", "4", "2"], "Progressive bit-widths, strictly decreasing.")
 flags.DEFINE_bool("fp_first_last", False, "The paper's ** variant: first conv and last FC keep 32-bit weights.")
 flags.DEFINE_enum("fp_activation", "relu", ["relu", "clip"], "Nonlinearity of full-precision activation layers.")
+flags.DEFINE_bool("calibrate_range", True, "Before the first quantized stage, rescale a ReLU full-precision model (exactly, via BatchNorm) so its activations fit [0, 1] (tfq.calibration).")
+flags.DEFINE_float("calibration_percentile", 99.0, "Percentile of each layer's activations mapped to 1 by --calibrate_range (median over layers).")
 
 flags.DEFINE_integer("epochs", 10, "Epochs of every quantized stage.")
 flags.DEFINE_list("stage_epochs", None, "Per-quantized-stage epochs, overriding --epochs (one value per stage).")
@@ -119,6 +121,8 @@ class TrainConfig:
     pq_sequence: tuple = (32, 8, 4, 2)
     fp_first_last: bool = False
     fp_activation: str = "relu"
+    calibrate_range: bool = True
+    calibration_percentile: float = 99.0
     epochs: int = 10
     stage_epochs: tuple | None = None
     pretrain_epochs: int = 0
@@ -231,6 +235,8 @@ def validate(cfg):
         raise ConfigError(f"--momentum must be in [0, 1); got {cfg.momentum}")
     if cfg.weight_decay < 0 or cfg.guidance_weight < 0:
         raise ConfigError("--weight_decay and --guidance_weight must be >= 0")
+    if not 0 < cfg.calibration_percentile <= 100:
+        raise ConfigError(f"--calibration_percentile must be in (0, 100]; got {cfg.calibration_percentile}")
     if cfg.eval_split == "holdout" and not cfg.holdout:
         raise ConfigError("--eval_split=holdout needs --holdout > 0")
     if cfg.init_from is not None and not os.path.exists(cfg.init_from):
@@ -275,7 +281,9 @@ def config_from_flags(f=FLAGS):
         skip_corrupt=f.skip_corrupt,
         methods=tuple(m.strip() for m in f.method.split(",") if m.strip()),
         w_bits=w_bits, a_bits=a_bits, pq_sequence=ints("pq_sequence", f.pq_sequence),
-        fp_first_last=f.fp_first_last, fp_activation=f.fp_activation, epochs=f.epochs,
+        fp_first_last=f.fp_first_last, fp_activation=f.fp_activation,
+        calibrate_range=f.calibrate_range, calibration_percentile=f.calibration_percentile,
+        epochs=f.epochs,
         stage_epochs=ints("stage_epochs", f.stage_epochs) if f.stage_epochs else None,
         pretrain_epochs=f.pretrain_epochs, init_from=f.init_from, batch_size=f.batch_size,
         steps_per_epoch=f.steps_per_epoch, lr=f.lr, lr_decay_epochs=f.lr_decay_epochs,
@@ -545,7 +553,7 @@ def train(cfg, out=print):
 def _train_locked(cfg, run, strategy, out):
     import keras
 
-    from tfq import data, distribute, models, precision
+    from tfq import calibration, data, distribute, models, precision
 
     run.check_config()
     keras.utils.set_random_seed(cfg.seed)
@@ -577,22 +585,32 @@ def _train_locked(cfg, run, strategy, out):
                             fp_first_last=cfg.fp_first_last, fp_activation=cfg.fp_activation)
 
     start_weights = []  # the full-precision stage's weights, once trained in this process
+    calibration_images = []
 
-    def start_model():
-        """A new model holding the weights every method's first stage starts from."""
+    def start_model(calibrate=True):
+        """A new model holding the weights every method's first stage starts from,
+        rescaled (function unchanged) so its ReLU activations fit [0, 1]."""
         fp_state = run.state["stages"].get("00_fp", {})
         if start_weights:
             m = fresh()
             m.set_weights(start_weights[0])
-            return m
-        if fp_state.get("status") == "done":
-            return keras.models.load_model(os.path.join(run.dir, fp_state["model"]))
-        if cfg.init_from:
+        elif fp_state.get("status") == "done":
+            m = keras.models.load_model(os.path.join(run.dir, fp_state["model"]))
+        elif cfg.init_from:
             m = _load_model(cfg.init_from)
             _check_same_architecture(m, fresh(), cfg.init_from)
-            return m
-        keras.utils.set_random_seed(cfg.seed)  # every method from the same init
-        return fresh()
+        else:
+            keras.utils.set_random_seed(cfg.seed)  # every method from the same init
+            m = fresh()
+        if calibrate and cfg.calibrate_range and calibration.applicable(m):
+            if not calibration_images:  # the same images for every method and worker
+                calibration_images.extend(data.build_dataset(
+                    cfg.dataset, "train", batch_size=256, training=False, limit=512,
+                    **{k: v for k, v in common.items() if k != "deterministic"}))
+            scale = calibration.calibrate_activation_range(m, calibration_images, cfg.calibration_percentile)
+            if run.writable:
+                out(f"activation range calibrated: ReLU outputs divided by {scale:.3f}")
+        return m
 
     def load(key, what):
         return keras.models.load_model(os.path.join(run.dir, run.state["stages"][key][what]))
@@ -614,7 +632,7 @@ def _train_locked(cfg, run, strategy, out):
                 model = load(prev, "model")
                 fp_model = load(prev, "fp_model") if run.state["stages"][prev].get("fp_model") else None
             else:
-                model, fp_model = start_model(), None
+                model, fp_model = start_model(calibrate=key != "00_fp"), None
             if stage.guided and fp_model is None:
                 fp_model = start_model()
                 precision.set_precision(fp_model, 32, 32, include_pinned=True)
