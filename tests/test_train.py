@@ -233,3 +233,38 @@ def test_every_flagfile_resolves_to_a_valid_config(parse, name, tmp_path):
     else:
         assert cfg.methods == ("pq+ts+guided",) and cfg.w_bits == int(name.split("_")[-1][0])
         assert cfg.model in ("alexnet", "alexnet_cifar", "resnet50")
+
+
+def test_init_from_rebuilds_with_this_runs_options_and_test_split(tmp_path):
+    import keras
+
+    import tfq
+
+    fp_dir = tmp_path / "fp"
+    r = cli(TINY + [f"--model_dir={fp_dir}", "--method=fp", "--epochs=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = tmp_path / "star"
+    r = cli(TINY + [f"--model_dir={d}", f"--init_from={fp_dir}", "--method=baseline", "--bits=2",
+                    "--epochs=1", "--fp_first_last", "--holdout=100", "--eval_split=holdout",
+                    "--test_split=test"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((d / "results.json").read_text())
+    stage = res["stages"][0]
+    assert {"test_top1", "test_top5", "test_loss"} <= set(stage) and "test top-1" in r.stdout
+    final = keras.models.load_model(d / res["final_model"])
+    # The ** variant's first conv and last FC stay at 32 bits even though the
+    # --init_from model was saved without pinned layers.
+    assert final.get_layer("stem").w_bits == 32 and final.get_layer("stem").pinned
+    assert final.get_layer("fc").w_bits == 32 and final.get_layer("stage1_block1_1").w_bits == 2
+    assert tfq.get_precision(final) == tfq.Precision(2, 2)
+
+
+def test_resume_accepts_a_config_written_before_a_flag_existed(tmp_path):
+    cfg = tr.validate(tr.TrainConfig(model_dir=str(tmp_path)))
+    old = cfg.to_dict()
+    del old["calibrate_range"]  # a run started by an older tfq
+    runstate.write_json(tmp_path / "config.json", old)
+    tr._Run(cfg).check_config()  # same behaviour: accepted
+    changed = tr.validate(tr.TrainConfig(model_dir=str(tmp_path), calibrate_range=False))
+    with pytest.raises(tr.ConfigError, match="calibrate_range"):
+        tr._Run(changed).check_config()

@@ -56,6 +56,7 @@ flags.DEFINE_integer("train_limit", None, "Use a class-balanced subset of this m
 flags.DEFINE_integer("eval_limit", None, "Evaluate on a subset of this many images.")
 flags.DEFINE_integer("holdout", 0, "Hold out this many training images as split 'holdout'.")
 flags.DEFINE_string("eval_split", "test", "Split used for validation each epoch: test, validation or holdout.")
+flags.DEFINE_string("test_split", None, "Also evaluate every finished stage on this split (e.g. test, while --eval_split=holdout drives the per-epoch curves); reported as test_top1/test_top5/test_loss.")
 flags.DEFINE_integer("image_size", None, "Crop size fed to the model (default: the dataset's).")
 flags.DEFINE_enum("mean", "per_pixel", ["per_pixel", "none"], "Mean subtracted from every image.")
 flags.DEFINE_bool("skip_corrupt", False, "Skip (and count) corrupt images instead of stopping.")
@@ -112,6 +113,7 @@ class TrainConfig:
     eval_limit: int | None = None
     holdout: int = 0
     eval_split: str = "test"
+    test_split: str | None = None
     image_size: int | None = None
     mean: str = "per_pixel"
     skip_corrupt: bool = False
@@ -237,8 +239,8 @@ def validate(cfg):
         raise ConfigError("--weight_decay and --guidance_weight must be >= 0")
     if not 0 < cfg.calibration_percentile <= 100:
         raise ConfigError(f"--calibration_percentile must be in (0, 100]; got {cfg.calibration_percentile}")
-    if cfg.eval_split == "holdout" and not cfg.holdout:
-        raise ConfigError("--eval_split=holdout needs --holdout > 0")
+    if "holdout" in (cfg.eval_split, cfg.test_split) and not cfg.holdout:
+        raise ConfigError("--eval_split/--test_split=holdout needs --holdout > 0")
     if cfg.init_from is not None and not os.path.exists(cfg.init_from):
         raise ConfigError(f"--init_from: {cfg.init_from!r} does not exist")
     if cfg.stage_epochs is not None and len(quantized) > 1:
@@ -277,7 +279,8 @@ def config_from_flags(f=FLAGS):
     cfg = TrainConfig(
         model=f.model, dataset=f.dataset, data_dir=f.data_dir, data_options=tuple(options),
         download=f.download, train_limit=f.train_limit, eval_limit=f.eval_limit,
-        holdout=f.holdout, eval_split=f.eval_split, image_size=f.image_size, mean=f.mean,
+        holdout=f.holdout, eval_split=f.eval_split, test_split=f.test_split,
+        image_size=f.image_size, mean=f.mean,
         skip_corrupt=f.skip_corrupt,
         methods=tuple(m.strip() for m in f.method.split(",") if m.strip()),
         w_bits=w_bits, a_bits=a_bits, pq_sequence=ints("pq_sequence", f.pq_sequence),
@@ -367,6 +370,9 @@ class _Run:
         new = self.cfg.to_dict()
         old = self.rs.read_json(path)
         if old is not None:
+            defaults = TrainConfig().to_dict()
+            # A key missing from an older run's config had the default behaviour.
+            old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
             diff = sorted(k for k in set(old) | set(new)
                           if k not in TrainConfig.RESUME_FREE and _norm(old.get(k)) != _norm(new.get(k)))
             if diff:
@@ -572,6 +578,8 @@ def _train_locked(cfg, run, strategy, out):
                                   skip_corrupt=cfg.skip_corrupt, **common)
     eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
                                  training=False, limit=cfg.eval_limit, **common)
+    test_ds = (distribute.dataset(strategy, cfg.dataset, cfg.test_split, cfg.batch_size,
+                                  training=False, **common) if cfg.test_split else None)
     input_shape = tuple(info.image_shape)
     plan = plan_run(cfg)
     if run.writable:
@@ -594,11 +602,14 @@ def _train_locked(cfg, run, strategy, out):
         if start_weights:
             m = fresh()
             m.set_weights(start_weights[0])
-        elif fp_state.get("status") == "done":
-            m = keras.models.load_model(os.path.join(run.dir, fp_state["model"]))
-        elif cfg.init_from:
-            m = _load_model(cfg.init_from)
-            _check_same_architecture(m, fresh(), cfg.init_from)
+        elif fp_state.get("status") == "done" or cfg.init_from:
+            # Rebuilt with this run's options (pinned layers of --fp_first_last,
+            # fp_activation), then given the saved weights.
+            source = (_load_model(cfg.init_from) if fp_state.get("status") != "done" else
+                      keras.models.load_model(os.path.join(run.dir, fp_state["model"])))
+            m = fresh()
+            _check_same_architecture(source, m, cfg.init_from or fp_state["model"])
+            m.set_weights(source.get_weights())
         else:
             keras.utils.set_random_seed(cfg.seed)  # every method from the same init
             m = fresh()
@@ -641,7 +652,8 @@ def _train_locked(cfg, run, strategy, out):
                 for net in (model, fp_model):
                     if net is not None:
                         distribute.sync_batchnorm(net)
-            result = _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out)
+            result = _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out,
+                                test_ds)
         if key == "00_fp":
             start_weights.append(model.get_weights())
         carry[method] = (model, fp_model if stage.guided else None)
@@ -673,7 +685,7 @@ def _mean(cfg, run, info, opts):
     return mean
 
 
-def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
+def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out, test_ds=None):
     import keras
 
     from tfq.guided import GuidedModel
@@ -748,6 +760,9 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out):
         "wall_time_s": float(sum(h.get("time_s", 0.0) for h in st["history"])),
         "model": os.path.relpath(model_path, run.dir),
     }
+    if test_ds is not None:
+        test = evaluate(model, test_ds, strategy)
+        result.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
     if fp_model is not None:
         fp_path = os.path.join(sdir, "fp_model.keras")
         _save_plain(run, fp_model, fp_path)
@@ -798,8 +813,9 @@ def _write_results(run, plan):
     for m in run.cfg.methods:
         src = "fp" if m == "fp" else m
         if src in last:
-            methods[m] = {"top1": last[src]["top1"], "top5": last[src]["top5"],
-                          "loss": last[src]["loss"], "final_model": last[src]["model"]}
+            methods[m] = {k: last[src][k] for k in ("top1", "top5", "loss", "test_top1",
+                                                    "test_top5", "test_loss") if k in last[src]}
+            methods[m]["final_model"] = last[src]["model"]
     final = stages[-1]["model"] if stages else None
     results = {"model": run.cfg.model, "dataset": run.cfg.dataset,
                "w_bits": run.cfg.w_bits, "a_bits": run.cfg.a_bits,
@@ -822,10 +838,14 @@ def _format_run_plan(plan):
 
 def format_results(results):
     """The per-method results as a printable table."""
-    rows = [f"{'method':<16} {'top-1':>7} {'top-5':>7} {'loss':>8}  final model"]
+    test = any("test_top1" in r for r in results["methods"].values())
+    head = f"{'method':<16} {'top-1':>7} {'top-5':>7} {'loss':>8}"
+    rows = [head + (f" {'test top-1':>10} {'test top-5':>10}" if test else "") + "  final model"]
     for m, r in results["methods"].items():
-        rows.append(f"{m:<16} {100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}% "
-                    f"{r['loss']:>8.4f}  {r['final_model']}")
+        row = f"{m:<16} {100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}% {r['loss']:>8.4f}"
+        if test:
+            row += f" {100 * r.get('test_top1', float('nan')):>9.2f}% {100 * r.get('test_top5', float('nan')):>9.2f}%"
+        rows.append(row + f"  {r['final_model']}")
     return "\n".join(rows)
 
 
