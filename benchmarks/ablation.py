@@ -1,0 +1,920 @@
+"""The paper's ablation table (Zhuang et al. 2018, section 4) through the training CLI.
+
+Rows: full precision, then for every bit-width of ``--bits``: Baseline, TS, PQ, Guided,
+PQ+TS, TS+Guided, PQ+TS+Guided and PQ+TS+Guided** (first conv and last FC at 32-bit
+weights). Every row is one ``python -m tfq.train`` subprocess with its own model_dir,
+so a kill loses at most the current epoch of one row: rerunning this script with the
+same options skips finished rows (their ``results.json`` says ``complete``), reuses
+their numbers, and reruns an unfinished row with the same command, which the CLI
+resumes from its last completed epoch.
+
+All rows of one seed (and FP activation) start from ONE full-precision model, trained
+once (``--method=fp --epochs=<fp_epochs>``) in its own model_dir and handed to every
+quantized row with ``--init_from`` (the CLI rebuilds it with the row's options, so the
+``**`` row pins its first conv and last FC).
+
+Budget rule (``--budget``), for the quantized stages of a row (the FP model is shared):
+  - ``stage:N``: every quantized stage gets N epochs (a method with more stages trains
+    longer; the paper trains each stage to convergence);
+  - ``total:N``: each method gets N epochs in all, split evenly over its stages (the
+    later stages get the remainder), but never fewer than ``--min_stage_epochs`` per
+    stage, so a method with many stages may exceed N.
+Stages per method at 2 bits with the default PQ sequence 32,8,4,2: Baseline 1, TS 2,
+PQ 3 (W8A8, W4A4, W2A2), Guided 1, PQ+TS 6 (W8A32, W4A32, W2A32, W2A8, W2A4, W2A2),
+TS+Guided 2, PQ+TS+Guided 6; at 4 bits PQ has 2 and PQ+TS 4.
+
+A finished row is only reused if its saved ``config.json`` matches the row's flags (as
+``tfq.train`` would check on resuming; options added to the CLI after the row ran are
+shown as a note), and ``protocol.json`` refuses a results_dir made with other options.
+The table shows the rows selected by ``--bits``, ``--rows``, ``--seeds`` and
+``--fp_activation``: after running parts in several sessions, rerun with the full
+selection to print the whole table (finished rows are only read). ``--fp_results_dir``
+takes the FP models from (or trains them under) another results_dir, so tuning runs of
+quantized options can share the FP models of an earlier ablation.
+
+Splits: every epoch is validated on ``--eval_split``. Tune on ``holdout`` (taken from
+the training images, ``--holdout`` of them); the table is meant to report ``test``.
+The two are separate runs: use a separate ``--results_dir`` for each.
+
+Layout of ``--results_dir``::
+
+  protocol.json                       the options every row depends on (a rerun must match)
+  table.json, table.md                the table, rewritten after every row
+  curves.png                          validation top-1 per epoch, one panel per bit-width
+  <fp_activation>/seed<S>/fp/         the shared full-precision model_dir
+  <fp_activation>/seed<S>/w<B>/<row>/ one model_dir per quantized row (+ ablation_cli.log)
+
+The table gives top-1 / top-5 (%) per row, bit-width and seed, the mean and standard
+deviation over seeds, and the top-1 change against the Baseline and against FP (paired
+per seed, then averaged), then one PASS / FAIL / PENDING line per goal of issue 8:
+4-bit PQ+TS+Guided within 0.5 points top-1 of FP; 2-bit PQ+TS+Guided at least 1.5
+points above the 2-bit Baseline; TS, PQ and Guided each at least the 2-bit Baseline.
+
+``--dry_run`` prints the rows, their stages, epochs and CLI commands, the status of
+each row in ``--results_dir``, the total planned epochs and an estimate of the compute:
+per stage-epoch, (training images + evaluation images / 3) / images-per-second of that
+stage's kind (FP, quantized at the nearest measured bit-width, guided), read from
+``benchmarks/throughput.py``'s JSON (``--throughput_json``) or from ``--images_per_second``,
+plus a fixed cost per stage (tracing) and per row (process start). It is as good as the
+throughput figures: on a shared machine, rerun throughput.py under similar load.
+
+Usage::
+
+  python benchmarks/ablation.py --dry_run                      # the default plan
+  python benchmarks/ablation.py --eval_split=holdout --results_dir=runs/ablation-holdout
+  python benchmarks/ablation.py --eval_split=holdout --bits=2 --rows=guided \
+      --guidance_weight=0.1 --results_dir=runs/tune-lambda0.1 --fp_results_dir=runs/ablation-holdout
+  python benchmarks/ablation.py --eval_split=test --seeds=0,1 --results_dir=runs/ablation-test
+  python benchmarks/ablation.py --dataset=cifar100 --data_dir=/data/cifar-100-python \\
+      --model=alexnet_cifar --extra="--data_option=label_mode=fine"
+
+Options given with a leading dash must use ``=``: ``--extra=--steps_per_epoch=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tfq import runstate  # noqa: E402  (no TensorFlow import)
+
+# The rows of the paper's table, in its order; "**" = first conv and last FC at 32 bits.
+ROWS = ("fp", "baseline", "ts", "pq", "guided", "pq+ts", "ts+guided", "pq+ts+guided",
+        "pq+ts+guided**")
+LABELS = {"fp": "Full precision", "baseline": "Baseline", "ts": "TS", "pq": "PQ",
+          "guided": "Guided", "pq+ts": "PQ+TS", "ts+guided": "TS+Guided",
+          "pq+ts+guided": "PQ+TS+Guided", "pq+ts+guided**": "PQ+TS+Guided**"}
+FP_ACTIVATIONS = ("relu", "clip")
+
+CIFAR10_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+CIFAR10_SHA256 = "b7b80d42e0fd1d036c0f66a3b62486cf252e06c28ccd6023dd86a7d613247019"
+CIFAR10_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tfq", "cifar10-jpeg")
+DEFAULT_THROUGHPUT = os.path.join(ROOT, "runs", "throughput.json")
+
+# Options that define the numbers of every row: a results_dir holds one protocol.
+PROTOCOL_KEYS = ("model", "dataset", "data_dir", "train_limit", "holdout", "eval_split", "test_split",
+                 "eval_limit", "batch_size", "fp_epochs", "fp_lr", "fp_lr_decay_epochs",
+                 "budget", "min_stage_epochs", "lr", "lr_decay_epochs", "guidance_weight",
+                 "guidance_norm", "pq_sequence", "extra", "fp_results_dir")
+EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (forward only)
+ROW_OVERHEAD_S = 30  # CLI start, data pipeline and model build per row
+STAGE_OVERHEAD_S = 20  # every stage traces its train and eval functions anew
+
+
+class AblationError(ValueError):
+    """Bad options or a results_dir that cannot be used; the message says why."""
+
+
+# ------------------------------------------------------------------ budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How many epochs each quantized stage of a row gets (see the module docstring)."""
+
+    kind: str  # "stage" or "total"
+    epochs: int
+    min_stage: int = 1
+
+    def split(self, n_stages):
+        """Epochs of each of a method's ``n_stages`` stages, in order."""
+        if self.kind == "stage":
+            return [self.epochs] * n_stages
+        if n_stages * self.min_stage >= self.epochs:
+            return [self.min_stage] * n_stages
+        base, extra = divmod(self.epochs, n_stages)
+        return [base + (i >= n_stages - extra) for i in range(n_stages)]
+
+    def __str__(self):
+        text = f"{self.kind}:{self.epochs}"
+        return text + (f" (min {self.min_stage} per stage)" if self.kind == "total" else "")
+
+
+def parse_budget(text, min_stage_epochs=1):
+    """``"stage:N"`` or ``"total:N"`` -> ``Budget``.
+
+    Raises:
+      AblationError: anything else, or N / the minimum below 1.
+    """
+    kind, _, n = str(text).partition(":")
+    if kind not in ("stage", "total") or not n.strip().isdigit() or int(n) < 1:
+        raise AblationError(f"--budget must be stage:N or total:N with N >= 1; got {text!r}")
+    if min_stage_epochs < 1:
+        raise AblationError(f"--min_stage_epochs must be >= 1; got {min_stage_epochs}")
+    return Budget(kind, int(n), int(min_stage_epochs))
+
+
+# ------------------------------------------------------------------ rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table for one seed and FP activation: one CLI run."""
+
+    key: str  # an entry of ROWS
+    bits: int | None  # None for the FP row
+    seed: int
+    fp_activation: str
+    model_dir: str
+    stages: tuple  # ((name, w_bits, a_bits, guided, epochs), ...)
+    argv: tuple  # flags of python -m tfq.train
+    init_from: str | None = None  # what the row starts from (the FP dir or the pinned copy)
+    fp_dir: str | None = None  # the model_dir of the FP row it depends on
+
+    @property
+    def method(self):
+        return self.key.rstrip("*")
+
+    @property
+    def epochs(self):
+        return sum(s[4] for s in self.stages)
+
+    @property
+    def command(self):
+        return [sys.executable, "-m", "tfq.train", *self.argv]
+
+    @property
+    def label(self):
+        where = "FP" if self.bits is None else f"W{self.bits}A{self.bits}"
+        return f"{self.fp_activation} seed{self.seed} {where} {LABELS[self.key]}"
+
+
+def slug(key):
+    """The folder name of a row ("pq+ts+guided**" -> "pq+ts+guided_fp_first_last")."""
+    return key.replace("**", "_fp_first_last")
+
+
+def seed_dir(args, act, seed, fp=False):
+    root = (args.fp_results_dir or args.results_dir) if fp else args.results_dir
+    return os.path.join(root, act, f"seed{seed}")
+
+
+def fp_activations(args):
+    return list(FP_ACTIVATIONS) if args.fp_activation == "both" else [args.fp_activation]
+
+
+def common_flags(args, act, seed, model_dir):
+    flags = [f"--model={args.model}", f"--dataset={args.dataset}"]
+    if args.data_dir:
+        flags.append(f"--data_dir={args.data_dir}")
+    for name in ("train_limit", "eval_limit"):
+        if getattr(args, name) is not None:
+            flags.append(f"--{name}={getattr(args, name)}")
+    flags += [f"--holdout={args.holdout}", f"--eval_split={args.eval_split}",
+              f"--test_split={args.test_split}",
+              f"--batch_size={args.batch_size}", f"--seed={seed}", f"--fp_activation={act}",
+              "--verbose=2", f"--model_dir={model_dir}"]
+    return flags
+
+
+def fp_row(args, act, seed):
+    model_dir = os.path.join(seed_dir(args, act, seed, fp=True), "fp")
+    argv = common_flags(args, act, seed, model_dir) + [
+        "--method=fp", f"--epochs={args.fp_epochs}", f"--pretrain_lr={args.fp_lr:g}",
+        f"--pretrain_lr_decay_epochs={args.fp_lr_decay_epochs}"] + shlex.split(args.extra)
+    return Row("fp", None, seed, act, model_dir, (("fp", 32, 32, False, args.fp_epochs),),
+               tuple(argv))
+
+
+def quantized_row(args, key, bits, act, seed, budget):
+    from tfq import precision  # imports Keras: only once there is something to plan
+
+    method = key.rstrip("*")
+    plan = precision.plan_stages(method, w_bits=bits, a_bits=bits, pq_sequence=args.pq_sequence)
+    epochs = budget.split(len(plan))
+    stages = tuple((s.name, s.w_bits, s.a_bits, s.guided, e) for s, e in zip(plan, epochs))
+    sdir = seed_dir(args, act, seed)
+    model_dir = os.path.join(sdir, f"w{bits}", slug(key))
+    pinned = key.endswith("**")
+    fp_dir = os.path.join(seed_dir(args, act, seed, fp=True), "fp")
+    init = fp_dir
+    argv = common_flags(args, act, seed, model_dir) + [
+        f"--method={method}", f"--bits={bits}", f"--stage_epochs={','.join(map(str, epochs))}",
+        f"--lr={args.lr:g}", f"--lr_decay_epochs={args.lr_decay_epochs}",
+        f"--guidance_weight={args.guidance_weight:g}", f"--guidance_norm={args.guidance_norm}",
+        f"--pq_sequence={','.join(map(str, args.pq_sequence))}", f"--init_from={init}"]
+    if pinned:
+        argv.append("--fp_first_last")
+    return Row(key, bits, seed, act, model_dir, stages, tuple(argv + shlex.split(args.extra)),
+               init, fp_dir)
+
+
+def plan_rows(args):
+    """Every row to run, in running order: per seed, per FP activation, FP first.
+
+    The FP row of a seed is included whenever one of its quantized rows is, since they
+    all start from it.
+    """
+    budget = parse_budget(args.budget, args.min_stage_epochs)
+    keys = [k for k in ROWS if k in args.rows and k != "fp"]
+    rows = []
+    for seed in args.seeds:
+        for act in fp_activations(args):
+            if keys or "fp" in args.rows:
+                rows.append(fp_row(args, act, seed))
+            for bits in args.bits:
+                rows += [quantized_row(args, k, bits, act, seed, budget) for k in keys]
+    return rows
+
+
+# ------------------------------------------------------------------ status of a row
+
+
+def check_finished_config(row):
+    """Refuses a finished row whose model_dir ran another configuration than ``row.argv``.
+
+    The row's flags go through ``tfq.train``'s own flag-to-config mapping and are compared
+    with the saved ``config.json`` the way the CLI compares them when it resumes, except
+    that keys the saved config lacks (options added to the CLI after the row ran) are
+    returned as a note instead of refusing the row.
+
+    Returns:
+      A note naming the new keys and their values now, or None.
+
+    Raises:
+      AblationError: a saved key differs (names the keys and both values).
+    """
+    saved = runstate.read_json(os.path.join(row.model_dir, "config.json"))
+    if saved is None:
+        return None
+    from absl import flags
+
+    from tfq import train
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["tfq.train", *row.argv])
+        planned = json.loads(json.dumps(train.config_from_flags().to_dict()))
+    finally:
+        flags.FLAGS.unparse_flags()
+    diff = sorted(k for k in set(saved) | set(planned)
+                  if k not in train.TrainConfig.RESUME_FREE and k in saved
+                  and saved.get(k) != planned.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {planned.get(k)!r}" for k in diff)
+        raise AblationError(f"{row.model_dir} finished a run with another config ({detail}); "
+                            "use another --results_dir (or --fp_results_dir)")
+    newer = sorted(k for k in planned if k not in saved)
+    if newer:
+        return ("ran before these CLI options existed: "
+                + ", ".join(f"{k} (now {planned[k]!r})" for k in newer))
+    return None
+
+
+def row_status(row):
+    """What the row's model_dir holds (a finished row must match ``row.argv``).
+
+    Returns:
+      dict: ``status`` (done / partial / pending), ``epochs_done``, ``top1`` and
+      ``top5`` (fractions, when done), ``wall_s`` (training seconds so far).
+    """
+    results = runstate.read_json(os.path.join(row.model_dir, "results.json"))
+    if results and results.get("complete"):
+        note = check_finished_config(row)
+        r = results["methods"][row.method]
+        wall = sum(s.get("wall_time_s", 0.0) for s in results["stages"])
+        # The table reports the final evaluation on --test_split; the per-epoch
+        # curves (and any tuning) use --eval_split.
+        status = {"status": "done", "epochs_done": sum(s["epochs"] for s in results["stages"]),
+                  "top1": r.get("test_top1", r["top1"]), "top5": r.get("test_top5", r["top5"]),
+                  "eval_top1": r["top1"], "wall_s": wall}
+        return {**status, "note": note} if note else status
+    state = runstate.read_json(os.path.join(row.model_dir, "state.json"), {"stages": {}})
+    done = wall = 0
+    for st in state["stages"].values():
+        hist = st.get("history", [])
+        done += (st["result"]["epochs"] if st.get("status") == "done" and "result" in st
+                 else st.get("epochs_done", 0))
+        wall += sum(h.get("time_s", 0.0) for h in hist)
+    return {"status": "partial" if done else "pending", "epochs_done": done, "wall_s": wall}
+
+
+def read_curve(model_dir):
+    """(global epoch, validation top-1, stage) per epoch from the row's log.csv."""
+    path = os.path.join(model_dir, "log.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["global_epoch"]), float(r["val_accuracy"]), r["stage"])
+                for r in csv.DictReader(f) if r.get("val_accuracy") not in (None, "")]
+
+
+# ------------------------------------------------------------------ table
+
+
+def _mean_sd(values):
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(rows, statuses, args):
+    """Per FP activation, bit-width and row key: per-seed numbers, means, deltas.
+
+    Deltas are in points of top-1, paired per seed (row minus Baseline / FP of the
+    same seed and FP activation), then averaged over the seeds that have both.
+    """
+    pct = {}  # (act, bits, key, seed) -> (top1, top5) in %
+    for row, st in zip(rows, statuses):
+        if st["status"] == "done":
+            pct[(row.fp_activation, row.bits, row.key, row.seed)] = (100 * st["top1"],
+                                                                     100 * st["top5"])
+    summary = {}
+    for act in fp_activations(args):
+        for bits in args.bits:
+            keys = [r.key for r in rows if r.fp_activation == act and r.bits in (bits, None)]
+            table = {}
+            for key in dict.fromkeys(keys):
+                b = None if key == "fp" else bits
+                seeds = {s: pct[(act, b, key, s)] for s in args.seeds if (act, b, key, s) in pct}
+
+                def delta(ref_key, ref_bits):
+                    ref = [pct.get((act, ref_bits, ref_key, s)) for s in seeds]
+                    return _mean_sd([seeds[s][0] - r[0] for s, r in zip(seeds, ref) if r])
+
+                t1, t1sd = _mean_sd([v[0] for v in seeds.values()])
+                t5, t5sd = _mean_sd([v[1] for v in seeds.values()])
+                table[key] = {
+                    "seeds": {str(s): {"top1": v[0], "top5": v[1]} for s, v in seeds.items()},
+                    "n": len(seeds), "top1": t1, "top1_sd": t1sd, "top5": t5, "top5_sd": t5sd}
+                if key != "fp":
+                    for name, ref in (("vs_baseline", ("baseline", bits)), ("vs_fp", ("fp", None))):
+                        d, dsd = delta(*ref) if seeds else (None, None)
+                        table[key][name], table[key][name + "_sd"] = d, dsd
+            summary.setdefault(act, {})[str(bits)] = table
+    return summary
+
+
+def goals(summary, args):
+    """The issue's goals per FP activation: (activation, status, text) tuples."""
+    out = []
+    split = "" if args.eval_split == "test" else f" [{args.eval_split} split, for tuning]"
+    for act, by_bits in summary.items():
+        def check(bits, keys, field, threshold, text):
+            table = by_bits.get(str(bits))
+            if table is None or any(k not in table for k in keys):
+                return out.append((act, "N/A", f"{text}: row or bit-width not planned"))
+            vals = [table[k].get(field) for k in keys]
+            if any(v is None for v in vals):
+                missing = [LABELS[k] for k, v in zip(keys, vals) if v is None]
+                return out.append((act, "PENDING", f"{text}: waiting for {', '.join(missing)}"))
+            ok = all(v >= threshold for v in vals)
+            got = ", ".join(f"{LABELS[k]} {v:+.2f}" for k, v in zip(keys, vals))
+            n = min(table[k]["n"] for k in keys)
+            out.append((act, "PASS" if ok else "FAIL",
+                        f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){split}"))
+
+        check(4, ["pq+ts+guided"], "vs_fp", -0.5, "4-bit PQ+TS+Guided within 0.5 top-1 of FP")
+        check(2, ["pq+ts+guided"], "vs_baseline", 1.5, "2-bit PQ+TS+Guided >= 1.5 above Baseline")
+        check(2, ["ts", "pq", "guided"], "vs_baseline", 0.0, "2-bit TS, PQ, Guided each >= Baseline")
+    return out
+
+
+def _fmt(v, sd=None, signed=False):
+    if v is None:
+        return "—"
+    text = f"{v:+.2f}" if signed else f"{v:.2f}"
+    return text + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def format_table(rows, statuses, summary, goal_lines, args):
+    """The table as Markdown (readable on a terminal too)."""
+    by = {(r.fp_activation, r.bits, r.key, r.seed): (r, s) for r, s in zip(rows, statuses)}
+    lines = [f"# Ablation: {args.model} on {args.dataset}"
+             + (f" ({args.data_dir})" if args.data_dir else ""),
+             "",
+             f"Validation split: **{args.eval_split}**"
+             + (f" ({args.eval_limit} images max)" if args.eval_limit else "")
+             + f"; train limit {args.train_limit or 'none'}, holdout {args.holdout}; "
+             f"FP {args.fp_epochs} epochs (lr {args.fp_lr:g}, /10 every {args.fp_lr_decay_epochs}); "
+             f"quantized budget {parse_budget(args.budget, args.min_stage_epochs)}, lr {args.lr:g} "
+             f"(/10 every {args.lr_decay_epochs}), guidance weight {args.guidance_weight:g} "
+             f"({args.guidance_norm}), batch {args.batch_size}"
+             + (f", extra CLI flags `{args.extra}`" if args.extra else "") + ".",
+             "Top-1 / top-5 in %; Δ = top-1 change in points, paired per seed; ± = standard "
+             "deviation over seeds.", ""]
+    for act, by_bits in summary.items():
+        for bits, table in by_bits.items():
+            lines.append(f"## FP activation {act}, W{bits}A{bits}")
+            lines.append("")
+            head = ["row", "epochs"] + [f"seed {s} top-1 / top-5" for s in args.seeds]
+            head += ["mean top-1", "mean top-5", "Δ vs Baseline", "Δ vs FP"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for key, t in table.items():
+                b = None if key == "fp" else int(bits)
+                cells = [LABELS[key]]
+                first = by.get((act, b, key, args.seeds[0]))
+                cells.append(str(first[0].epochs) if first else "—")
+                for s in args.seeds:
+                    r, st = by.get((act, b, key, s), (None, {"status": "—"}))
+                    if st["status"] == "done":
+                        cells.append(f"{100 * st['top1']:.2f} / {100 * st['top5']:.2f}")
+                    elif st["status"] == "partial":
+                        cells.append(f"running {st['epochs_done']}/{r.epochs} ep")
+                    else:
+                        cells.append(st.get("error", st["status"]))
+                cells += [_fmt(t["top1"], t["top1_sd"]), _fmt(t["top5"], t["top5_sd"])]
+                for field, skip in (("vs_baseline", ("fp", "baseline")), ("vs_fp", ("fp",))):
+                    cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    notes = [f"- {r.label}: {st['note']}" for r, st in zip(rows, statuses) if st.get("note")]
+    if notes:
+        lines += ["Notes on finished rows:", ""] + notes + [""]
+    lines.append("## Goals")
+    lines.append("")
+    lines += [f"- {status} [{act}] {text}" for act, status, text in goal_lines]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows, path, args):
+    """Validation top-1 per epoch: one panel per FP activation and bit-width.
+
+    Every method's curve starts where the FP model's ends (its epochs counted from its
+    first quantized stage); dots mark the start of each stage; the first seed is drawn
+    solid, the others dashed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acts, bits = fp_activations(args), list(args.bits)
+    fig, axes = plt.subplots(len(acts), len(bits), figsize=(7 * len(bits), 4.5 * len(acts)),
+                             squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#444444", "#aa3377"]
+    order = {k: i for i, k in enumerate(ROWS)}
+    for i, act in enumerate(acts):
+        for j, b in enumerate(bits):
+            ax = axes[i][j]
+            fp_len = 0
+            for row in rows:
+                if row.fp_activation != act or row.bits not in (b, None):
+                    continue
+                curve = read_curve(row.model_dir)
+                if not curve:
+                    continue
+                if row.key == "fp":
+                    fp_len = max(fp_len, max(e for e, _, _ in curve))
+                start = 0 if row.key == "fp" else args.fp_epochs
+                xs = [start + e for e, _, _ in curve]
+                ys = [100 * v for _, v, _ in curve]
+                colour = "black" if row.key == "fp" else colours[order[row.key] % len(colours)]
+                first = row.seed == args.seeds[0]
+                ax.plot(xs, ys, "-" if first else "--", lw=1.4 if first else 0.9, color=colour,
+                        label=LABELS[row.key] if first else None)
+                starts = [k for k in range(len(curve)) if k == 0 or curve[k][2] != curve[k - 1][2]]
+                ax.plot([xs[k] for k in starts], [ys[k] for k in starts], "o", ms=3, color=colour)
+            if fp_len:
+                ax.axvline(args.fp_epochs + 0.5, color="grey", lw=0.6, ls=":")
+            ax.set_title(f"W{b}A{b}, FP activation {act}")
+            ax.set_xlabel("epoch (FP, then each method's quantized stages)")
+            ax.set_ylabel(f"{args.eval_split} top-1 (%)")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{args.model} on {args.dataset}: validation top-1 per epoch "
+                 f"(dots: stage starts; dashed: further seeds)", fontsize=10)
+    fig.tight_layout()
+    with runstate.atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(rows, statuses, args, out=print, show=False):
+    """Rewrites table.json, table.md and curves.png; returns the Markdown."""
+    summary = summarize(rows, statuses, args)
+    goal_lines = goals(summary, args)
+    md = format_table(rows, statuses, summary, goal_lines, args)
+    report = {
+        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "protocol": protocol(args),
+        "rows": [{"key": r.key, "label": LABELS[r.key], "bits": r.bits, "seed": r.seed,
+                  "fp_activation": r.fp_activation, "model_dir": r.model_dir,
+                  "stages": [{"name": n, "w_bits": w, "a_bits": a, "guided": g, "epochs": e}
+                             for n, w, a, g, e in r.stages],
+                  "epochs": r.epochs, "command": shlex.join(r.command), **st}
+                 for r, st in zip(rows, statuses)],
+        "summary": summary,
+        "goals": [{"fp_activation": a, "status": s, "goal": t} for a, s, t in goal_lines],
+    }
+    runstate.write_json(os.path.join(args.results_dir, "table.json"), report)
+    runstate.write_text(os.path.join(args.results_dir, "table.md"), md)
+    plot_curves(rows, os.path.join(args.results_dir, "curves.png"), args)
+    if show:
+        out(md)
+    return md
+
+
+# ------------------------------------------------------------------ data, protocol
+
+
+def ensure_cifar10(tar_path=CIFAR10_TAR, dest=CIFAR10_CACHE, out=print):
+    """Extracts the real CIFAR-10 JPEGs once into ``dest`` (verified, atomic); returns it.
+
+    Raises:
+      AblationError: the tarball is missing or its checksum is wrong.
+    """
+    marker = os.path.join(dest, ".complete")
+    if os.path.exists(marker):
+        return dest
+    if not os.path.exists(tar_path):
+        raise AblationError(f"{tar_path} not found: pass --data_dir (a folder with train/ and test/)")
+    digest = hashlib.sha256()
+    with open(tar_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != CIFAR10_SHA256:
+        raise AblationError(f"{tar_path}: sha256 {digest.hexdigest()} != expected {CIFAR10_SHA256}")
+    out(f"extracting {tar_path} into {dest} (once)")
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".cifar10-jpeg-", dir=parent)
+    try:
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(tmp, filter="data")
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.exists(dest):  # a half-extracted copy from a killed run
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except OSError:
+        if not os.path.exists(marker):  # another process may have won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def protocol(args):
+    return {k: getattr(args, k) for k in PROTOCOL_KEYS}
+
+
+def check_protocol(args, write):
+    """Refuses a results_dir made with other options; writes protocol.json if asked."""
+    path = os.path.join(args.results_dir, "protocol.json")
+    old, new = runstate.read_json(path), json.loads(json.dumps(protocol(args)))
+    if old is None:
+        if write:
+            runstate.write_json(path, new)
+        return
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:  # a key absent on one side counts as None (protocols written by older scripts)
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise AblationError(f"{args.results_dir} holds an ablation with other options ({detail}); "
+                            "use another --results_dir")
+
+
+# ------------------------------------------------------------------ compute estimate
+
+
+def load_rates(args):
+    """Images/s by stage kind -> (rates dict, source text), or (None, reason)."""
+    if args.images_per_second:
+        r = args.images_per_second
+        return {"FP": r, "W8A8": r, "W4A4": r, "W2A2": r, "guided W4A4": r / 2}, \
+            f"--images_per_second={r:g} (guided at half)"
+    report = runstate.read_json(args.throughput_json)
+    ours = ((report or {}).get("models", {}).get(args.model) or {}).get("ours")
+    if not ours:
+        return None, (f"no figures for {args.model} in {args.throughput_json}: run "
+                      "benchmarks/throughput.py or pass --images_per_second")
+    rates = {k: v["images_per_s"] for k, v in ours.items()}
+    return rates, (f"{args.throughput_json} ({report.get('date', '?')}, batch {report.get('batch')}: "
+                   + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " images/s)")
+
+
+def stage_rate(rates, w_bits, a_bits, guided):
+    if guided:
+        return rates["guided W4A4"]
+    k = min(w_bits, a_bits)
+    if k >= 32:
+        return rates["FP"]
+    measured = sorted(int(n[1:].split("A")[0]) for n in rates if n.startswith("W"))
+    nearest = min(measured, key=lambda m: (abs(m - k), m))
+    return rates[f"W{nearest}A{nearest}"]
+
+
+def image_counts(args):
+    """(training images per epoch, evaluation images per epoch), or None if unknown."""
+    from tfq import data
+
+    try:
+        sizes = data.info(args.dataset, data_dir=args.data_dir, holdout=args.holdout).split_sizes
+    except Exception as e:  # DataError, or a source that needs options passed in --extra
+        return None, f"image counts unknown ({e})"
+    train = sizes["train"] if args.train_limit is None else min(sizes["train"], args.train_limit)
+    split = args.eval_split if args.eval_split in sizes else next(
+        (s for s in ("test", "validation", "val") if s in sizes), None)
+    evaluated = sizes.get(split, 0)
+    if args.eval_limit is not None:
+        evaluated = min(evaluated, args.eval_limit)
+    extra = shlex.split(args.extra)
+    steps = [int(f.split("=", 1)[1]) for f in extra if f.startswith("--steps_per_epoch=")]
+    if steps:
+        train = min(train, steps[-1] * args.batch_size)
+    return (train, evaluated), f"{train} training and {evaluated} {args.eval_split} images per epoch"
+
+
+def row_seconds(row, images, rates):
+    train, evaluated = images
+    total = ROW_OVERHEAD_S
+    for _, w, a, guided, epochs in row.stages:
+        per_image = 1 / stage_rate(rates, w, a, guided)
+        total += STAGE_OVERHEAD_S
+        total += (epochs * (train + EVAL_COST * evaluated) + EVAL_COST * evaluated) * per_image
+    return total
+
+
+def dry_run(rows, statuses, args, out=print):
+    """Prints the plan, its commands, the status of each row and the compute estimate."""
+    images, images_text = image_counts(args)
+    rates, rates_text = load_rates(args)
+    estimate = images is not None and rates is not None
+    out(f"ablation plan: {args.model} on {args.dataset}, bits {','.join(map(str, args.bits))}, "
+        f"FP activation {args.fp_activation}, seeds {','.join(map(str, args.seeds))}; "
+        f"validation on {args.eval_split}; budget {parse_budget(args.budget, args.min_stage_epochs)}; "
+        f"results in {args.results_dir}")
+    head = (f"{'#':>3}  {'act':<4} {'seed':>4} {'bits':>4}  {'row':<16} {'epochs':>6}  "
+            f"{'status':<14} {'est. h':>6}  stages (W/A:epochs; g = guided)")
+    out(head)
+    out("-" * len(head))
+    total_s = remaining_s = 0.0
+    for i, (row, st) in enumerate(zip(rows, statuses), 1):
+        secs = row_seconds(row, images, rates) if estimate else None
+        left = 0.0 if st["status"] == "done" else (
+            secs * (1 - st["epochs_done"] / row.epochs) if estimate else None)
+        if estimate:
+            total_s, remaining_s = total_s + secs, remaining_s + left
+        status = (f"partial {st['epochs_done']}/{row.epochs}" if st["status"] == "partial"
+                  else st["status"])
+        stages = " ".join(f"W{w}A{a}{'g' if g else ''}:{e}" for _, w, a, g, e in row.stages)
+        out(f"{i:>3}  {row.fp_activation:<4} {row.seed:>4} {row.bits or 32:>4}  {LABELS[row.key]:<16} "
+            f"{row.epochs:>6}  {status:<14} {f'{secs / 3600:.2f}' if estimate else '?':>6}  {stages}")
+    for row, st in zip(rows, statuses):
+        if st.get("note"):
+            out(f"note: {row.label} {st['note']}")
+    out("")
+    out("commands (run from the repository root):")
+    for row in rows:
+        out(f"  # {row.label}\n  {shlex.join(row.command)}")
+    fp_ep = sum(r.epochs for r in rows if r.key == "fp")
+    q_ep = sum(r.epochs for r in rows if r.key != "fp")
+    g_ep = sum(s[4] for r in rows for s in r.stages if s[3])
+    out("")
+    out(f"planned: {fp_ep + q_ep} epochs in {len(rows)} rows ({fp_ep} full-precision, "
+        f"{q_ep} quantized stage-epochs of which {g_ep} guided, i.e. two nets per step)")
+    out(f"images: {images_text}")
+    if images is not None and images[0] == 0:
+        out("WARNING: no training images are left after --holdout and --train_limit")
+    out(f"speed: {rates_text}")
+    if estimate:
+        out(f"estimated compute: {total_s / 3600:.1f} hours in all, {remaining_s / 3600:.1f} hours "
+            f"left (per stage-epoch: (training images + {EVAL_COST:.2f} x evaluation images) / "
+            f"images-per-second, + {STAGE_OVERHEAD_S} s per stage and {ROW_OVERHEAD_S} s per row)")
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_row(row, args, out=print):
+    """Runs one row's CLI command (resuming it if it ran before); returns the exit code."""
+    os.makedirs(row.model_dir, exist_ok=True)
+    log_path = os.path.join(row.model_dir, "ablation_cli.log")
+    path = [ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    with open(log_path, "a") as log:
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        log.write(f"\n# {now} {shlex.join(row.command)}\n")
+        log.flush()
+        child = subprocess.Popen(row.command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            for line in child.stdout:
+                log.write(line)
+                if not args.quiet:
+                    out("    " + line.rstrip("\n"))
+            return child.wait()
+        finally:
+            if child.poll() is None:  # interrupted: stop the CLI; its last epoch is kept
+                child.terminate()
+                child.wait()
+
+
+def run(rows, args, out=print):
+    """Runs every unfinished row in order, rewriting the table after each; returns 0 or 1."""
+    statuses = [row_status(r) for r in rows]
+    write_outputs(rows, statuses, args)
+    failed = set()
+    for i, row in enumerate(rows):
+        st = statuses[i]
+        tag = f"[{i + 1}/{len(rows)}] {row.label}"
+        if st["status"] == "done":
+            out(f"{tag}: finished earlier (top-1 {100 * st['top1']:.2f}%); skipped"
+                + (f" (note: it {st['note']})" if st.get("note") else ""))
+            continue
+        fp_key = (row.fp_activation, row.seed)
+        if row.key != "fp" and fp_key in failed:
+            statuses[i] = {**st, "status": "blocked", "error": "blocked (FP row failed)"}
+            out(f"{tag}: blocked: its FP row failed")
+            continue
+        verb = "resuming" if st["status"] == "partial" else "running"
+        out(f"{tag}: {verb}: {shlex.join(row.command)}")
+        t0 = time.time()
+        rc = run_row(row, args, out)
+        statuses[i] = row_status(row)
+        if rc != 0 or statuses[i]["status"] != "done":
+            statuses[i] = {**statuses[i], "status": "failed", "error": f"failed (exit {rc})"}
+            if row.key == "fp":
+                failed.add(fp_key)
+            out(f"{tag}: FAILED (exit {rc}); see {os.path.join(row.model_dir, 'ablation_cli.log')}")
+        else:
+            out(f"{tag}: done in {(time.time() - t0) / 60:.1f} min: top-1 "
+                f"{100 * statuses[i]['top1']:.2f}%, top-5 {100 * statuses[i]['top5']:.2f}%")
+        write_outputs(rows, statuses, args)
+    write_outputs(rows, statuses, args, out=out, show=True)
+    out(f"table: {os.path.join(args.results_dir, 'table.md')} (and table.json); "
+        f"curves: {os.path.join(args.results_dir, 'curves.png')}")
+    return 1 if any(s["status"] in ("failed", "blocked") for s in statuses) else 0
+
+
+# ------------------------------------------------------------------ options
+
+
+def _int_list(name):
+    def parse(text):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} must be comma-separated integers; got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"--{name} is empty")
+        return values
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="folder",
+      help="tfq.data dataset name (folder, cifar10, cifar100, imagenet, digits...)")
+    a("--data_dir", default=None,
+      help="dataset folder; default for --dataset=folder: the real CIFAR-10 JPEGs, extracted "
+           f"once from shared/data/cifar10-jpeg.tar.gz into {CIFAR10_CACHE}")
+    a("--model", default="resnet20")
+    a("--train_limit", type=int, default=10000, help="class-balanced training subset (0: all)")
+    a("--holdout", type=int, default=2000, help="training images held out as split 'holdout'")
+    a("--test_split", choices=("holdout", "test"), default="test",
+      help="split of the final evaluation of every row, which the table reports")
+    a("--eval_split", choices=("holdout", "test"), default="holdout",
+      help="validation split: tune on holdout, report test")
+    a("--eval_limit", type=int, default=None, help="evaluate on at most this many images")
+    a("--fp_epochs", type=int, default=30, help="epochs of the shared full-precision model")
+    a("--fp_lr", type=float, default=0.01, help="initial lr of the FP model")
+    a("--fp_lr_decay_epochs", type=int, default=20, help="FP lr /10 every this many epochs")
+    a("--budget", default="total:8", help="stage:N (N epochs per quantized stage) or "
+      "total:N (N epochs per method, split over its stages)")
+    a("--min_stage_epochs", type=int, default=2, help="minimum epochs per stage under total:N")
+    a("--lr", type=float, default=1e-3, help="initial lr of every quantized stage")
+    a("--lr_decay_epochs", type=int, default=10, help="quantized stages: lr /10 every this many epochs")
+    a("--guidance_weight", type=float, default=0.5, help="lambda of the guidance loss")
+    a("--guidance_norm", choices=("mean", "sum"), default="mean")
+    a("--pq_sequence", type=_int_list("pq_sequence"), default=[32, 8, 4, 2])
+    a("--fp_activation", choices=("relu", "clip", "both"), default="clip",
+      help="nonlinearity of the FP net (and of unquantized activations); both: a table for each")
+    a("--bits", type=_int_list("bits"), default=[4, 2])
+    a("--seeds", type=_int_list("seeds"), default=[0])
+    a("--batch_size", type=int, default=128)
+    a("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    a("--results_dir", default=os.path.join("runs", "ablation"))
+    a("--fp_results_dir", default=None,
+      help="take (or train) the FP models under this results_dir instead, e.g. to tune "
+           "quantized options against the FP models of an earlier ablation")
+    a("--extra", default="", help="extra flags for every tfq.train call, e.g. --extra=--deterministic")
+    a("--dry_run", action="store_true", help="print the plan, commands and estimate; run nothing")
+    a("--throughput_json", default=DEFAULT_THROUGHPUT, help="figures of benchmarks/throughput.py")
+    a("--images_per_second", type=float, default=None,
+      help="training speed for the estimate, instead of --throughput_json")
+    a("--quiet", action="store_true", help="do not echo the CLI's output (it is still logged)")
+    args = p.parse_args(argv)
+    try:
+        _check(args)
+    except AblationError as e:
+        p.error(str(e))
+    return args
+
+
+def _check(args):
+    if args.train_limit == 0:
+        args.train_limit = None
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise AblationError(f"--rows: unknown {unknown or 'empty'}; accepted: {', '.join(ROWS)}")
+    args.rows = rows
+    bad = [b for b in args.bits if not 1 <= b <= 8]
+    if bad:
+        raise AblationError(f"--bits: {bad} outside 1..8")
+    for name in ("fp_epochs", "batch_size", "fp_lr_decay_epochs", "lr_decay_epochs"):
+        if getattr(args, name) < 1:
+            raise AblationError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    for name in ("train_limit", "eval_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise AblationError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.holdout < 0 or (args.eval_split == "holdout" and args.holdout == 0):
+        raise AblationError(f"--eval_split=holdout needs --holdout > 0; got {args.holdout}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise AblationError(f"--seeds lists a seed twice: {args.seeds}")
+    parse_budget(args.budget, args.min_stage_epochs)
+    args.results_dir = os.path.abspath(args.results_dir)
+    if args.fp_results_dir is not None:
+        args.fp_results_dir = os.path.abspath(args.fp_results_dir)
+
+
+def main(argv=None, out=print):
+    args = parse_args(argv)
+    if args.data_dir is None and args.dataset == "folder":
+        args.data_dir = ensure_cifar10(out=out)
+    elif args.data_dir is not None:
+        args.data_dir = os.path.abspath(args.data_dir)
+    try:
+        check_protocol(args, write=not args.dry_run)
+        rows = plan_rows(args)
+        statuses = [row_status(r) for r in rows]
+    except (AblationError, ValueError) as e:
+        print(f"ablation: error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(rows, statuses, args, out)
+        return 0
+    # A SIGTERM stops the running CLI too (run_row's finally), keeping its last epoch.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return run(rows, args, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

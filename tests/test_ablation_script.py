@@ -1,0 +1,319 @@
+"""benchmarks/ablation.py: budget rules, the row plan, resuming row by row, and a tiny real run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "ablation.py")
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("ablation_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def args_for(ab, tmp_path, *extra):
+    return ab.parse_args(["--dataset=digits", f"--results_dir={tmp_path / 'res'}", *extra])
+
+
+# ------------------------------------------------------------------ budget rules
+
+
+@pytest.mark.parametrize("budget,min_stage,n,want", [
+    ("stage:3", 1, 1, [3]),
+    ("stage:3", 1, 6, [3] * 6),
+    ("total:8", 2, 1, [8]),
+    ("total:8", 2, 2, [4, 4]),
+    ("total:8", 2, 3, [2, 3, 3]),  # the remainder goes to the later stages
+    ("total:8", 2, 4, [2, 2, 2, 2]),
+    ("total:8", 2, 6, [2] * 6),  # the minimum wins: 12 epochs in all
+    ("total:10", 1, 4, [2, 2, 3, 3]),
+])
+def test_budget_split(ab, budget, min_stage, n, want):
+    got = ab.parse_budget(budget, min_stage).split(n)
+    assert got == want
+    if budget.startswith("total") and n * min_stage <= int(budget.split(":")[1]):
+        assert sum(got) == int(budget.split(":")[1])
+
+
+@pytest.mark.parametrize("text", ["stage", "stage:0", "total:-2", "epochs:3", "total:x", ""])
+def test_bad_budget_rejected(ab, text):
+    with pytest.raises(ab.AblationError, match="stage:N or total:N"):
+        ab.parse_budget(text)
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def test_default_rows_stages_and_commands(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--budget=stage:3", "--fp_epochs=7", "--holdout=100")
+    rows = ab.plan_rows(args)
+    assert [r.key for r in rows] == ["fp"] + list(ab.ROWS[1:]) * 2
+    assert [r.bits for r in rows] == [None] + [4] * 8 + [2] * 8
+    fp = rows[0]
+    assert "--method=fp" in fp.argv and "--epochs=7" in fp.argv and fp.epochs == 7
+    stages = {(r.bits, r.key): [(w, a, g) for _, w, a, g, _ in r.stages] for r in rows[1:]}
+    # Stage counts of the paper's methods, from tfq.precision.plan_stages.
+    assert stages[(2, "ts")] == [(2, 32, False), (2, 2, False)]
+    assert stages[(2, "pq")] == [(8, 8, False), (4, 4, False), (2, 2, False)]
+    assert stages[(4, "pq")] == [(8, 8, False), (4, 4, False)]
+    assert stages[(2, "pq+ts")] == [(8, 32, False), (4, 32, False), (2, 32, False),
+                                    (2, 8, False), (2, 4, False), (2, 2, False)]
+    assert stages[(4, "pq+ts")] == [(8, 32, False), (4, 32, False), (4, 8, False), (4, 4, False)]
+    assert all(g for _, _, g in stages[(2, "pq+ts+guided")])
+    assert stages[(2, "pq+ts+guided")] == stages[(2, "pq+ts+guided**")]
+    fp_dir = os.path.join(args.results_dir, "clip", "seed0", "fp")
+    for r in rows[1:]:
+        assert r.epochs == 3 * len(r.stages)
+        assert f"--stage_epochs={','.join(['3'] * len(r.stages))}" in r.argv
+        assert f"--bits={r.bits}" in r.argv and "--seed=0" in r.argv and "--fp_activation=clip" in r.argv
+        assert r.model_dir.startswith(os.path.join(args.results_dir, "clip", "seed0", f"w{r.bits}"))
+        pinned = r.key.endswith("**")
+        assert ("--fp_first_last" in r.argv) == pinned
+        assert f"--init_from={fp_dir}" in r.argv  # the CLI pins ** layers itself
+    assert len({r.model_dir for r in rows}) == len(rows)
+
+
+def test_total_budget_and_filters(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--budget=total:6", "--min_stage_epochs=2", "--bits=2",
+                    "--rows=ts,pq+ts", "--fp_activation=both", "--seeds=0,3",
+                    "--extra=--steps_per_epoch=5 --deterministic")
+    rows = ab.plan_rows(args)
+    # The FP row comes along: every quantized row starts from it.
+    assert [(r.seed, r.fp_activation, r.key) for r in rows] == [
+        (s, a, k) for s in (0, 3) for a in ("relu", "clip") for k in ("fp", "ts", "pq+ts")]
+    ts = rows[1]
+    assert [s[4] for s in ts.stages] == [3, 3]
+    assert [s[4] for s in rows[2].stages] == [2] * 6  # minimum per stage beats the total
+    assert ts.argv[-2:] == ("--steps_per_epoch=5", "--deterministic")
+    assert "--fp_activation=relu" in ts.argv and "--seed=0" in ts.argv
+    assert "--seed=3" in rows[-1].argv and "--fp_activation=clip" in rows[-1].argv
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--rows=fp,dorefa"], "accepted: fp, baseline"),
+    (["--bits=4,16"], "outside 1..8"),
+    (["--eval_split=holdout", "--holdout=0"], "needs --holdout > 0"),
+    (["--seeds=1,1"], "twice"),
+    (["--budget=all:3"], "stage:N or total:N"),
+    (["--seeds=a"], "integers"),
+])
+def test_bad_options_rejected(ab, tmp_path, argv, match, capsys):
+    with pytest.raises(SystemExit):
+        args_for(ab, tmp_path, *argv)
+    assert match in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def fake_results(model_dir, method, top1, top5, complete=True):
+    os.makedirs(model_dir, exist_ok=True)
+    results = {"complete": complete, "stages": [{"epochs": 1, "wall_time_s": 2.0}],
+               "methods": {method: {"top1": top1, "top5": top5}}}
+    with open(os.path.join(model_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+def fake_partial(model_dir, epochs_done):
+    os.makedirs(model_dir, exist_ok=True)
+    state = {"stages": {"ts/01_w2a32": {"status": "running", "epochs_done": epochs_done,
+                                        "history": [{"epoch": 1, "time_s": 3.0}]}}}
+    with open(os.path.join(model_dir, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def test_row_status(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=fp,baseline,ts,pq", "--budget=stage:2")
+    fp, base, ts, pq = ab.plan_rows(args)
+    fake_results(fp.model_dir, "fp", 0.5, 0.9)
+    fake_results(base.model_dir, "baseline", 0.4, 0.8, complete=False)  # results of a killed run
+    fake_partial(base.model_dir, 1)
+    fake_partial(ts.model_dir, 0)
+    assert ab.row_status(fp) == {"status": "done", "epochs_done": 1, "top1": 0.5, "top5": 0.9,
+                                 "eval_top1": 0.5, "wall_s": 2.0}
+    # With a final --test_split evaluation, the table reports it, not the holdout.
+    with open(os.path.join(fp.model_dir, "results.json")) as f:
+        res = json.load(f)
+    res["methods"]["fp"].update(test_top1=0.45, test_top5=0.85)
+    with open(os.path.join(fp.model_dir, "results.json"), "w") as f:
+        json.dump(res, f)
+    st = ab.row_status(fp)
+    assert (st["top1"], st["top5"], st["eval_top1"]) == (0.45, 0.85, 0.5)
+    assert ab.row_status(base)["status"] == "partial" and ab.row_status(base)["epochs_done"] == 1
+    assert ab.row_status(ts)["status"] == "pending"
+    assert ab.row_status(pq) == {"status": "pending", "epochs_done": 0, "wall_s": 0}
+
+
+def test_finished_row_with_another_config_refused(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline", "--holdout=50")
+    fp, base = ab.plan_rows(args)
+    fake_results(fp.model_dir, "fp", 0.5, 0.9)
+    fake_results(base.model_dir, "baseline", 0.4, 0.8)
+    from absl import flags
+
+    from tfq import train
+
+    flags.FLAGS(["tfq.train", *base.argv])
+    try:
+        saved = json.loads(json.dumps(train.config_from_flags().to_dict()))
+    finally:
+        flags.FLAGS.unparse_flags()
+    config = os.path.join(base.model_dir, "config.json")
+    with open(config, "w") as f:
+        json.dump({**saved, "init_from": "/elsewhere"}, f)  # resume-free keys may differ
+    assert ab.row_status(base)["status"] == "done"
+    with open(config, "w") as f:
+        json.dump({**saved, "lr": 0.5, "stage_epochs": [3]}, f)
+    with pytest.raises(ab.AblationError, match=r"another config \(lr: 0.5 -> 0.001, "
+                                               r"stage_epochs: \[3\] -> \[8\]\)"):
+        ab.row_status(base)
+
+
+def test_shared_fp_results_dir(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=guided,pq+ts+guided**", "--holdout=50",
+                    f"--fp_results_dir={tmp_path / 'main'}")
+    fp, guided, pinned = ab.plan_rows(args)
+    main_fp = str(tmp_path / "main" / "clip" / "seed0" / "fp")
+    assert fp.model_dir == main_fp and guided.fp_dir == main_fp
+    assert f"--init_from={main_fp}" in guided.argv
+    assert pinned.init_from == main_fp and "--fp_first_last" in pinned.argv
+
+
+def test_run_skips_finished_rows_and_reruns_unfinished_ones(ab, tmp_path, monkeypatch):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts,guided", "--budget=stage:1",
+                    "--seeds=0,1", "--holdout=50")
+    rows = ab.plan_rows(args)
+    by = {(r.seed, r.key): r for r in rows}
+    fake_results(by[(0, "fp")].model_dir, "fp", 0.60, 0.95)
+    fake_results(by[(0, "baseline")].model_dir, "baseline", 0.50, 0.90)
+    fake_partial(by[(0, "ts")].model_dir, 1)
+    calls = []
+    numbers = {(0, "ts"): 0.53, (0, "guided"): 0.49, (1, "fp"): 0.62, (1, "baseline"): 0.47,
+               (1, "ts"): 0.52, (1, "guided"): 0.40}
+
+    def fake_run_row(row, args, out=print):
+        calls.append((row.seed, row.key))
+        if (row.seed, row.key) == (1, "guided"):
+            return 1  # a failed row is reported, the others go on
+        fake_results(row.model_dir, row.method, numbers[(row.seed, row.key)], 0.9)
+        return 0
+
+    monkeypatch.setattr(ab, "run_row", fake_run_row)
+    printed = []
+    rc = ab.run(rows, args, out=printed.append)
+    assert rc == 1
+    assert calls == [(0, "ts"), (0, "guided"), (1, "fp"), (1, "baseline"), (1, "ts"), (1, "guided")]
+    text = "\n".join(printed)
+    assert text.count("skipped") == 2 and "resuming" in text and "FAILED (exit 1)" in text
+    table = json.loads((tmp_path / "res" / "table.json").read_text())
+    assert [r["status"] for r in table["rows"]] == ["done"] * 7 + ["failed"]
+    w2 = table["summary"]["clip"]["2"]
+    assert w2["fp"]["top1"] == pytest.approx(61.0) and w2["fp"]["n"] == 2
+    assert w2["baseline"]["top1"] == pytest.approx(48.5)
+    # Deltas are paired per seed: TS - Baseline = +3 and +5 points.
+    assert w2["ts"]["vs_baseline"] == pytest.approx(4.0)
+    assert w2["ts"]["vs_baseline_sd"] == pytest.approx(2 ** 0.5)
+    assert w2["ts"]["vs_fp"] == pytest.approx((-7 - 10) / 2)
+    assert w2["guided"]["n"] == 1 and w2["guided"]["vs_baseline"] == pytest.approx(-1.0)
+    goals = {g["goal"].split(":")[0]: g["status"] for g in table["goals"]}
+    assert goals["2-bit TS, PQ, Guided each >= Baseline"] == "N/A"  # PQ not planned
+    assert goals["4-bit PQ+TS+Guided within 0.5 top-1 of FP"] == "N/A"
+    md = (tmp_path / "res" / "table.md").read_text()
+    assert "| TS | 2 | 53.00 / 90.00 | 52.00 / 90.00 | 52.50 ± 0.71 |" in md
+    assert "failed (exit 1)" in md
+
+
+def test_goals_pass_fail_pending(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=4,2", "--rows=baseline,ts,pq,guided,pq+ts+guided",
+                    "--budget=stage:1", "--holdout=50", "--eval_split=test")
+    rows = ab.plan_rows(args)
+    top1 = {(None, "fp"): 0.700, (4, "baseline"): 0.690, (4, "pq+ts+guided"): 0.696,
+            (2, "baseline"): 0.600, (2, "ts"): 0.601, (2, "pq"): 0.599, (2, "guided"): 0.610,
+            (2, "pq+ts+guided"): 0.614}
+    statuses = [{"status": "done", "top1": top1[(r.bits, r.key)], "top5": 0.9}
+                if (r.bits, r.key) in top1 else {"status": "pending", "epochs_done": 0}
+                for r in rows]
+    got = {text.split(":")[0]: (status, text) for _, status, text in
+           ab.goals(ab.summarize(rows, statuses, args), args)}
+    assert got["4-bit PQ+TS+Guided within 0.5 top-1 of FP"][0] == "PASS"  # -0.4 points
+    assert got["2-bit PQ+TS+Guided >= 1.5 above Baseline"][0] == "FAIL"  # +1.4 points
+    status, text = got["2-bit TS, PQ, Guided each >= Baseline"]
+    assert status == "FAIL" and "PQ -0.10" in text and "TS +0.10" in text
+    guided2 = next(i for i, r in enumerate(rows) if (r.bits, r.key) == (2, "guided"))
+    statuses[guided2] = {"status": "pending", "epochs_done": 0}
+    got = {text.split(":")[0]: status for _, status, text in
+           ab.goals(ab.summarize(rows, statuses, args), args)}
+    assert got["2-bit TS, PQ, Guided each >= Baseline"] == "PENDING"
+
+
+def test_other_protocol_in_results_dir_refused(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--budget=stage:2")
+    ab.check_protocol(args, write=True)
+    ab.check_protocol(args, write=True)  # same options: fine
+    other = args_for(ab, tmp_path, "--budget=stage:3")
+    with pytest.raises(ab.AblationError, match="budget: 'stage:2' -> 'stage:3'"):
+        ab.check_protocol(other, write=False)
+
+
+# ------------------------------------------------------------------ the script itself
+
+
+def script(*argv):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
+    return subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_dry_run_prints_plan_and_estimate_and_writes_nothing(ab, tmp_path):
+    res = tmp_path / "res"
+    printed = []
+    rc = ab.main(["--dataset=digits", "--dry_run", "--images_per_second=100", "--budget=stage:2",
+                  "--fp_epochs=3", "--train_limit=500", "--holdout=100", f"--results_dir={res}"],
+                 out=printed.append)
+    assert rc == 0
+    out = "\n".join(printed)
+    assert out.count("-m tfq.train") == 17
+    # 3 FP epochs + 2 per stage: 4 bits 1+2+2+1+4+2+4+4 stages, 2 bits 1+2+3+1+6+2+6+6.
+    assert "planned: 97 epochs in 17 rows (3 full-precision, 94 quantized" in out
+    assert "500 training and 100 holdout images per epoch" in out
+    assert "estimated compute:" in out
+    assert not res.exists()
+
+
+def test_tiny_end_to_end_on_digits_then_skip(tmp_path):
+    res = tmp_path / "res"
+    argv = ["--dataset=digits", "--bits=2", "--rows=fp,baseline,ts", "--fp_epochs=1",
+            "--budget=stage:1", "--train_limit=128", "--holdout=64", "--eval_split=holdout",
+            "--eval_limit=32", "--batch_size=32", f"--results_dir={res}", "--quiet",
+            "--extra=--steps_per_epoch=2"]
+    r = script(*argv)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = json.loads((res / "table.json").read_text())
+    assert [(row["key"], row["status"]) for row in table["rows"]] == [
+        ("fp", "done"), ("baseline", "done"), ("ts", "done")]
+    for row in table["rows"]:
+        assert 0 <= row["top1"] <= row["top5"] <= 1
+        assert "--eval_split=holdout" in row["command"]
+    w2 = table["summary"]["clip"]["2"]
+    assert w2["ts"]["vs_baseline"] == pytest.approx(w2["ts"]["top1"] - w2["baseline"]["top1"])
+    md = (res / "table.md").read_text()
+    assert "## FP activation clip, W2A2" in md and "| Baseline | 1 |" in md and "| TS | 2 |" in md
+    assert (res / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ts_results = res / "clip" / "seed0" / "w2" / "ts" / "results.json"
+    stamp = ts_results.stat().st_mtime_ns
+
+    again = script(*argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == 3 and "running:" not in again.stdout
+    assert ts_results.stat().st_mtime_ns == stamp
+    assert json.loads((res / "table.json").read_text())["summary"] == table["summary"]
