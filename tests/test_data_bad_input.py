@@ -149,7 +149,7 @@ def test_labels_files_naming_unknown_classes_or_missing_images(tmp_path):
     with pytest.raises(DataError, match="order.txt: expected one wnid"):
         tfq.data.info("imagenet", data_dir=str(tmp_path), synsets=order)
     write(lines, b"\x00" * (64 << 20) + b"x")
-    with pytest.raises(DataError, match="too large for a labels file"):
+    with pytest.raises(DataError, match="larger than a labels file can be"):
         tfq.data.info("imagenet", data_dir=str(tmp_path))
 
 

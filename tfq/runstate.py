@@ -78,6 +78,29 @@ def read_json(path, default=None):
         return json.load(f)
 
 
+def final_model_path(model_dir, results):
+    """The path of a run's final model from its ``results.json`` dict, kept inside the run.
+
+    ``final_model`` is a path relative to ``model_dir``; a results file copied from
+    elsewhere (or crafted) must not make a loader read, or a writer replace, a file
+    outside the run.
+
+    Raises:
+      ValueError: ``results`` is not a dict, ``final_model`` is missing or not a
+        non-empty string, or it resolves outside ``model_dir`` (the message says which).
+    """
+    if not isinstance(results, dict):
+        raise ValueError("results.json must hold a JSON object")
+    final = results.get("final_model")
+    if not isinstance(final, str) or not final:
+        raise ValueError('no "final_model" entry (the run has not finished a stage)')
+    root = os.path.realpath(model_dir)
+    path = os.path.realpath(os.path.join(root, final))
+    if os.path.isabs(final) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"final_model {final!r} lies outside the run folder {model_dir}")
+    return path
+
+
 class RunBusy(RuntimeError):
     """Another live process is training in the same run directory."""
 

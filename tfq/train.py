@@ -502,10 +502,15 @@ def _load_model(path):
     from tfq import runstate
 
     if os.path.isdir(path):
-        results = runstate.read_json(os.path.join(path, "results.json"))
-        if not results or "final_model" not in results:
-            raise ConfigError(f"{path} is a folder without results.json/final_model: not a tfq model_dir")
-        path = os.path.join(path, results["final_model"])
+        results_path = os.path.join(path, "results.json")
+        try:
+            results = runstate.read_json(results_path)
+            if results is None:
+                raise ValueError("missing")
+            path = runstate.final_model_path(path, results)
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise ConfigError(f"{results_path}: {e} (--init_from takes a .keras file or a "
+                              "finished tfq model_dir)") from None
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for unreadable files
@@ -671,12 +676,17 @@ def _mean(cfg, run, info, opts):
     import numpy as np
 
     from tfq import data
+    from tfq.data import DataError
+    from tfq.data.files import load_npy
 
     if cfg.mean == "none":
         return "none"
     path = os.path.join(run.dir, "mean.npy")
     if os.path.exists(path):
-        return np.load(path)
+        try:
+            return load_npy(path, shape=tuple(info.image_shape[:2]) + (3,))
+        except DataError as e:  # recomputed: the same data gives the same mean
+            out(f"{e}: recomputing the pixel mean")
     mean = np.asarray(data.pixel_mean(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts),
                       dtype="float32")
     if run.writable:

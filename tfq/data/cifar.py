@@ -79,16 +79,44 @@ def _field(obj, key, path):
         if k in obj:
             return obj[k]
     keys = sorted(k.decode("latin1") if isinstance(k, bytes) else str(k) for k in obj)
-    raise DataError(f"{path}: no {key!r} entry (found: {', '.join(keys)})")
+    shown = ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
+    raise DataError(f"{path}: no {key!r} entry (found: {shown[:400]})")
 
 
 def _names(meta_path, key, count):
     names = _field(safe_pickle.load(meta_path), key, meta_path)
     if not isinstance(names, list) or len(names) != count or not all(
-        isinstance(n, (bytes, str)) for n in names
+        isinstance(n, (bytes, str)) and 0 < len(n) <= 256 for n in names
     ):
         raise DataError(f"{meta_path}: {key!r} must be a list of {count} names")
-    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    try:
+        names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{meta_path}: {key!r} holds a name that is not UTF-8 ({e})") from None
+    if len(set(names)) != count:
+        raise DataError(f"{meta_path}: {key!r} names a class twice")
+    return names
+
+
+def _labels(labels, count, path, label_key):
+    """Labels as int64 [count]: a list of ints or a 1-D integer array, nothing else.
+
+    Checked element by element before NumPy sees them: a list of (shared, nested)
+    lists would otherwise expand into a huge array.
+    """
+    if isinstance(labels, np.ndarray):
+        ok = labels.ndim == 1 and labels.dtype.kind in "iu"
+    else:
+        ok = isinstance(labels, list) and all(type(v) is int for v in labels)
+    if not ok:
+        raise DataError(f"{path}: {label_key!r} must be a list of ints or a 1-D integer array "
+                        f"(found {type(labels).__name__})")
+    if len(labels) != count:
+        raise DataError(f"{path}: {label_key!r} has {len(labels)} entries for {count} images")
+    try:
+        return np.asarray(labels, dtype=np.int64)
+    except OverflowError:
+        raise DataError(f"{path}: {label_key!r} holds an integer out of range") from None
 
 
 def _batch(path, label_key, num_classes):
@@ -103,15 +131,7 @@ def _batch(path, label_key, num_classes):
             f"{path}: 'data' is {shape} {getattr(data, 'dtype', '')}, expected uint8 "
             f"[N, {IMAGE_BYTES}] (32x32x3 bytes per image)"
         )
-    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
-        raise DataError(
-            f"{path}: {label_key!r} has {len(labels) if hasattr(labels, '__len__') else '?'} "
-            f"entries for {len(data)} images"
-        )
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(f"{path}: {label_key!r} must hold integers") from None
+    labels = _labels(labels, len(data), path, label_key)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
             f"{path}: {label_key!r} holds {int(labels.min())}..{int(labels.max())}, "

@@ -6,6 +6,7 @@ import collections
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 
@@ -60,6 +61,77 @@ def file_size(path):
         return os.path.getsize(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_bounded(path, max_bytes, what="file"):
+    """All bytes of ``path``, refused if it holds more than ``max_bytes``.
+
+    Reads what the file holds, never ``max_bytes`` up front: ``f.read(n)`` allocates
+    ``n`` bytes before reading, so a generous limit would cost that much per call.
+
+    Raises:
+      DataError: missing, unreadable, or larger than ``max_bytes``.
+    """
+    path = os.fspath(path)
+    size = file_size(path)
+    if size > max_bytes:
+        raise DataError(f"{path}: {size} bytes is larger than a {what} can be ({max_bytes})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > max_bytes:
+        raise DataError(f"{path}: grew past {max_bytes} bytes while being read")
+    return data
+
+
+def load_npy(path, shape=None, max_bytes=1 << 30):
+    """A ``.npy`` array of a plain numeric dtype, its header checked before any allocation.
+
+    ``np.load`` allocates what the header declares before reading (a 100-byte file
+    can ask for terabytes); here the declared size must equal the bytes the file
+    holds after its header.
+
+    Args:
+      path: the file.
+      shape: the shape the array must have, or None for any.
+      max_bytes: the largest accepted file.
+
+    Raises:
+      DataError: not a .npy file, an object / structured dtype, another shape, or a
+        declared size that does not match the file.
+    """
+    import numpy as np
+
+    size = file_size(path)
+    if size > max_bytes:
+        raise DataError(f"{path}: {size} bytes is larger than accepted ({max_bytes})")
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise DataError(f"{path}: .npy format version {version} is not accepted")
+            declared, fortran, dtype = readers[version](f)
+            start = f.tell()
+            if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+                raise DataError(f"{path}: dtype {dtype} is not a plain numeric type")
+            if shape is not None and tuple(declared) != tuple(shape):
+                raise DataError(f"{path}: shape {tuple(declared)}, expected {tuple(shape)}")
+            nbytes = math.prod(declared) * dtype.itemsize
+            if nbytes != size - start:
+                raise DataError(f"{path}: header declares {tuple(declared)} {dtype} = {nbytes} "
+                                f"bytes; the file holds {size - start} after its header")
+            data = f.read(nbytes)
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npy file ({str(e)[:200]})") from None
+    if len(data) != nbytes:
+        raise DataError(f"{path}: changed while being read")
+    return np.frombuffer(data, dtype).reshape(declared, order="F" if fortran else "C").copy()
 
 
 def first_existing(candidates):

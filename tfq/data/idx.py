@@ -19,8 +19,10 @@ against the bytes actually read).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -47,15 +49,15 @@ def _open(path):
 
 
 def _read_exact(f, n, path, what, chunk=1 << 20):
-    # In chunks: a single read(n) would allocate what the header claims up front.
-    parts, got = [], 0
-    while got < n:
-        part = f.read(min(chunk, n - got))
+    # In chunks into a growing buffer: a single read(n) would allocate what the header
+    # claims up front, and joining chunks would need twice the memory.
+    data = bytearray()
+    while len(data) < n:
+        part = f.read(min(chunk, n - len(data)))
         if not part:
-            raise DataError(f"{path}: truncated {what} ({got} of {n} bytes)")
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
+            raise DataError(f"{path}: truncated {what} ({len(data)} of {n} bytes)")
+        data += part
+    return data
 
 
 def read_idx(path, ndim):
@@ -79,7 +81,7 @@ def read_idx(path, ndim):
             if rank != ndim:
                 raise DataError(f"{path}: idx file has {rank} dimensions, expected {ndim}")
             dims = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path, "idx dimensions"))
-            count = int(np.prod(dims, dtype=np.int64))
+            count = math.prod(dims)  # exact: NumPy's int64 product could wrap to 0
             if count > min(limit, _MAX_ELEMENTS):
                 raise DataError(
                     f"{path}: header declares {dims} = {count} bytes, more than the "
@@ -88,7 +90,7 @@ def read_idx(path, ndim):
             data = _read_exact(f, count, path, "idx data")
             if f.read(1):
                 raise DataError(f"{path}: trailing bytes after the {dims} idx data")
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip's errors: corrupt or truncated
         raise DataError(f"{path}: cannot read idx file ({e})") from None
     return np.frombuffer(data, np.uint8).reshape(dims)
 

@@ -55,12 +55,17 @@ import re
 
 import numpy as np
 
-from tfq.data import core, folder, tfds_source, tfrecord
+from tfq.data import core, folder, matfile, tfds_source, tfrecord
 from tfq.data.errors import DataError
-from tfq.data.files import IMAGE_EXTENSIONS, file_size, first_existing, is_image_name, listing
+from tfq.data.files import (IMAGE_EXTENSIONS, first_existing, is_image_name, listing,
+                            read_bounded)
 
 MAX_TEXT_BYTES = 64 << 20
-_WNID = re.compile(r"^n\d{8}$")
+# ILSVRC-2012 has 50,000 validation images; Kaggle's LOC_val_solution.csv as many lines.
+MAX_TEXT_LINES = 2_000_000
+_WNID = re.compile(r"^n[0-9]{8}$")
+_ID = re.compile(r"^[0-9]{1,9}$")  # an ILSVRC2012_ID (1..1000; ASCII digits only)
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits at
 _LABEL_FILES = (
     "LOC_val_solution.csv", "val_labels.csv", "val_labels.txt",
     "ILSVRC2012_validation_ground_truth.txt",
@@ -81,16 +86,19 @@ def standard_wnids():
 
 
 def read_lines(path):
-    """Non-empty stripped lines of a text file no larger than ``MAX_TEXT_BYTES``."""
-    size = file_size(path)
-    if size > MAX_TEXT_BYTES:
-        raise DataError(f"{path}: {size} bytes is too large for a labels file ({MAX_TEXT_BYTES})")
-    with open(path, "rb") as f:
-        text = f.read(MAX_TEXT_BYTES + 1)
+    """Non-empty stripped lines of a text file of at most ``MAX_TEXT_BYTES`` and
+    ``MAX_TEXT_LINES`` lines (counted before the text is split: a file of newlines
+    would otherwise become tens of millions of strings)."""
+    text = read_bounded(path, MAX_TEXT_BYTES, "labels file")
     try:
-        return [line.strip() for line in text.decode("utf-8-sig").splitlines() if line.strip()]
+        text = text.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file ({e})") from None
+    breaks = sum(text.count(c) for c in _LINE_BREAKS) - text.count("\r\n")
+    if breaks > MAX_TEXT_LINES:
+        raise DataError(f"{path}: {breaks} lines is too many for a labels file "
+                        f"({MAX_TEXT_LINES})")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_synsets(path, wnids_only=True):
@@ -115,6 +123,7 @@ def read_synsets(path, wnids_only=True):
 
 
 MAX_META_BYTES = 16 << 20  # the devkit's meta.mat is about 2 MB
+MAX_META_EXPANDED = 32 << 20  # with any compressed parts expanded
 
 
 def _meta_mat(path):
@@ -122,21 +131,26 @@ def _meta_mat(path):
 
     import scipy.io
 
-    if file_size(path) > MAX_META_BYTES:
-        raise DataError(f"{path}: larger than the devkit's meta.mat can be ({MAX_META_BYTES} bytes)")
-    with open(path, "rb") as f:
-        data = f.read(MAX_META_BYTES + 1)
+    data = read_bounded(path, MAX_META_BYTES, "devkit meta.mat")
+    # Every declared count is checked against the bytes first, compressed parts are
+    # expanded with a limit, and SciPy then reads from memory.
+    data = matfile.uncompressed(data, path, MAX_META_EXPANDED)
     try:
-        # From memory: a declared element size can then never allocate more than the file.
         synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
-        ids = np.asarray(synsets["ILSVRC2012_ID"], dtype=np.int64)
-        wnids = [str(w) for w in synsets["WNID"]]
-        children = np.asarray(synsets["num_children"], dtype=np.int64)
+        ids = np.asarray(synsets["ILSVRC2012_ID"], dtype=np.int64).reshape(-1)
+        wnids = [str(w) for w in np.asarray(synsets["WNID"]).reshape(-1)]
+        children = np.asarray(synsets["num_children"], dtype=np.int64).reshape(-1)
     except Exception as e:
-        raise DataError(f"{path}: not the ILSVRC-2012 devkit's meta.mat ({e})") from None
-    leaves = sorted((i, w) for i, w, c in zip(ids, wnids, children) if c == 0)
+        raise DataError(f"{path}: not the ILSVRC-2012 devkit's meta.mat ({str(e)[:200]})") from None
+    if not len(ids) == len(wnids) == len(children):
+        raise DataError(f"{path}: synsets fields of different lengths")
+    leaves = sorted((i, w) for i, w, c in zip(ids.tolist(), wnids, children.tolist()) if c == 0)
     if [i for i, _ in leaves] != list(range(1, len(leaves) + 1)):
         raise DataError(f"{path}: leaf synsets do not have ILSVRC2012_IDs 1..{len(leaves)}")
+    bad = [w for _, w in leaves if not _WNID.match(w)]
+    if bad or not leaves:
+        raise DataError(f"{path}: leaf synsets must be wnids (nXXXXXXXX); found "
+                        f"{bad[0][:40] if bad else 'none'}")
     return [w for _, w in leaves]
 
 
@@ -156,7 +170,7 @@ def parse_val_labels(path, class_names, synsets_path=None):
     known = set(class_names)
     if "," in lines[0] or "," in lines[-1]:
         return _parse_csv(path, lines, known)
-    if all(line.isdigit() for line in lines):
+    if all(_ID.match(line) for line in lines):
         order_path = synsets_path or first_existing([
             os.path.join(os.path.dirname(path), "meta.mat"),
             os.path.join(os.path.dirname(os.path.dirname(path)), "data", "meta.mat"),

@@ -6,8 +6,8 @@ Files ``<split>-NNNNN-of-MMMMM``; each record a ``tf.train.Example`` with
 wnid), which when present must agree with the label. Other features are ignored.
 
 Checks before any image is read: every shard of ``-of-MMMMM`` is present; each shard's
-framing is walked (every record length is checked against the bytes left in the file,
-so a truncated shard is found at once) to count its records (counts are cached under
+framing is walked (every record length is checked against its CRC-32C and the bytes
+left in the file, so a truncated or corrupt shard is found at once) to count its records (counts are cached under
 tfq's cache folder, keyed by path, size and mtime); the first record of every shard is
 parsed and must have the two required features with the right types.
 """
@@ -51,24 +51,53 @@ def shards(data_dir, split):
     return files
 
 
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def masked_crc32c(data):
+    """TFRecord's masked CRC-32C (Castagnoli) of ``data`` (a few bytes: pure Python)."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    c ^= 0xFFFFFFFF
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _record_length(header, path, offset, count, left):
+    """The length in a 12-byte record header, checked against its CRC and ``left`` bytes."""
+    if len(header) < 12:
+        raise DataError(f"{path}: truncated record header at byte {offset}")
+    (length,) = struct.unpack("<Q", header[:8])
+    if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:12])[0]:
+        raise DataError(f"{path}: record {count} at byte {offset}: corrupt length "
+                        "(CRC mismatch; not a TFRecord file, or damaged)")
+    if length > MAX_RECORD_BYTES or length + 16 > left:
+        raise DataError(
+            f"{path}: record {count} at byte {offset} declares {length} bytes, "
+            f"more than the {left - 16} left in the file (truncated or not a TFRecord)"
+        )
+    return length
+
+
 def _walk(path):
     """Counts the records of one shard, checking every length against the file size."""
     size = file_size(path)
     count, offset = 0, 0
     with open(path, "rb") as f:
         while offset < size:
-            header = f.read(12)
-            if len(header) < 12:
-                raise DataError(f"{path}: truncated record header at byte {offset}")
-            (length,) = struct.unpack("<Q", header[:8])
-            end = offset + 12 + length + 4
-            if length > MAX_RECORD_BYTES or end > size:
-                raise DataError(
-                    f"{path}: record {count} at byte {offset} declares {length} bytes, "
-                    f"more than the {size - offset - 16} left in the file (truncated or not a TFRecord)"
-                )
-            f.seek(end)
-            offset = end
+            length = _record_length(f.read(12), path, offset, count, size - offset)
+            offset += 12 + length + 4
+            f.seek(offset)
             count += 1
     return count
 
@@ -93,8 +122,7 @@ def count_records(path):
 
 def _first_record(path):
     with open(path, "rb") as f:
-        header = f.read(12)
-        (length,) = struct.unpack("<Q", header[:8])
+        length = _record_length(f.read(12), path, 0, 0, file_size(path))
         return f.read(length)
 
 

@@ -238,8 +238,9 @@ def _parse(data, path):
         if len(raw) != raw_len or d.unconsumed_tail or not d.eof:
             raise ValueError(f"decompressed to {len(raw)} bytes, header says {raw_len}")
         config = json.loads(raw.decode("utf-8"))
-    except (zlib.error, ValueError, UnicodeDecodeError) as e:
-        _fail(path, "config", f"unreadable ({e})")
+    except (zlib.error, ValueError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: JSON nested deeper than the interpreter's stack
+        _fail(path, "config", f"unreadable ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(config, dict) or config.get("format") != "tfq-packed" or \
             not isinstance(config.get("model"), dict):
         _fail(path, "config", "not a tfq-packed model config")
@@ -319,6 +320,47 @@ def _kernel_from_levels(path, name, layer, bits, scale, offset_value, j, shape):
     return np.arctanh(0.5 * w_q).astype(np.float32).reshape(shape)
 
 
+def _rebuild(path, model_json):
+    try:
+        return keras.models.model_from_json(model_json)
+    except Exception as e:  # Keras raises many types for a bad config
+        _fail(path, "config.model", f"cannot be rebuilt ({type(e).__name__}: {str(e)[:300]})")
+
+
+def _weight_shapes(path, model_json):
+    """{weight path: shape} the config declares, found without allocating the weights.
+
+    Built in a ``StatelessScope``, where Keras defers creating variables: a config is
+    only text, and a few hundred bytes of it can declare gigabytes of kernels.
+    """
+    from keras.src.backend.common import global_state
+
+    pending = global_state.get_global_attribute("uninitialized_variables", [])
+    before = len(pending)
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            probe = _rebuild(path, model_json)
+            return {v.path: tuple(v.shape) for v in probe.weights}
+    finally:
+        # Forget the probe's deferred variables; they would otherwise be created
+        # (allocated) when the next stateless scope ends.
+        pending = global_state.get_global_attribute("uninitialized_variables", [])
+        global_state.set_global_attribute("uninitialized_variables", pending[:before])
+
+
+def _check_weights(path, shapes, tensors):
+    """Fails unless ``shapes`` (weight path -> shape) and the tensor table agree."""
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        _fail(path, "tensor table", f"tensors not in the model: {extra[:5]}")
+    for name, want in shapes.items():
+        if name not in tensors:
+            _fail(path, "tensor table", f"missing weight {name!r}")
+        got = tuple(tensors[name][2])
+        if got != tuple(want):
+            _fail(path, f"tensor {name!r}.dims", f"{got}, the model expects {tuple(want)}")
+
+
 def load(path):
     """Restores the Keras model of a packed file.
 
@@ -331,23 +373,16 @@ def load(path):
     with open(path, "rb") as f:
         data = f.read()
     config, tensors = _parse(data, path)
-    try:
-        model = keras.models.model_from_json(json.dumps(config["model"]))
-    except Exception as e:  # Keras raises many types for a bad config
-        _fail(path, "config.model", f"cannot be rebuilt ({type(e).__name__}: {e})")
+    model_json = json.dumps(config["model"])
+    _check_weights(path, _weight_shapes(path, model_json), tensors)
+    # Every weight the config declares now matches a tensor the file holds, so
+    # building allocates no more than the file's size.
+    model = _rebuild(path, model_json)
     level_kernels = _level_kernels(model)
-    names = {v.path for v in model.weights}
-    extra = sorted(set(tensors) - names)
-    if extra:
-        _fail(path, "tensor table", f"tensors not in the model: {extra[:5]}")
+    _check_weights(path, {v.path: tuple(v.shape) for v in model.weights}, tensors)
     values = []
     for var in model.weights:
-        if var.path not in tensors:
-            _fail(path, "tensor table", f"missing weight {var.path!r}")
         encoding, bits, shape, scale, offset_value, payload = tensors[var.path]
-        if tuple(shape) != tuple(var.shape):
-            _fail(path, f"tensor {var.path!r}.dims", f"{tuple(shape)}, the model expects "
-                                                     f"{tuple(var.shape)}")
         count = int(np.prod(shape, dtype=np.int64))
         if encoding == FLOAT32:
             if var.path in level_kernels:

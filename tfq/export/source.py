@@ -6,12 +6,16 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import zipfile
 
 import keras
 import numpy as np
 
 from tfq import layers as qlayers
+from tfq import runstate
+from tfq.data.errors import DataError
+from tfq.data.files import load_npy
 from tfq.precision import iter_layers
 
 _TFQ_LAYERS = (qlayers.InputQuantizer, qlayers.QConv2D, qlayers.QDense, qlayers.QActivation,
@@ -42,9 +46,17 @@ class ModelSource:
 
     @property
     def stem(self):
+        """The output files' name stem: one path component, whatever the model's name.
+
+        A model's name comes from its (possibly downloaded) config; "../x" or "/x"
+        must not place an output outside the export folder.
+        """
         if self.path:
-            return os.path.splitext(os.path.basename(self.path))[0]
-        return self.model.name
+            stem = os.path.splitext(os.path.basename(self.path))[0]
+        else:
+            stem = self.model.name
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".")
+        return stem[:100] or "model"
 
 
 def _read_json(path, what):
@@ -103,22 +115,25 @@ def load(model_or_path):
     path = os.fspath(model_or_path)
     if not os.path.isdir(path):
         return ModelSource(load_keras(path), path)
-    results = _read_json(os.path.join(path, "results.json"), "training results")
-    final = results.get("final_model")
-    if not isinstance(final, str) or not final:
-        raise ExportError(f"{os.path.join(path, 'results.json')}: no \"final_model\" entry "
-                          "(the training run has not finished a stage)")
+    results_path = os.path.join(path, "results.json")
+    try:
+        model_path = runstate.final_model_path(path, _read_json(results_path, "training results"))
+    except ValueError as e:
+        raise ExportError(f"{results_path}: {e}") from None
     config_path = os.path.join(path, "config.json")
     config = _read_json(config_path, "training config") if os.path.exists(config_path) else {}
+    model = load_keras(model_path)
     mean = None
     mean_path = os.path.join(path, "mean.npy")
     if os.path.exists(mean_path):
+        dims = tuple(model.inputs[0].shape[1:])
+        shape = dims[:2] + (3,) if len(dims) == 3 and None not in dims[:2] else None
         try:
-            mean = np.load(mean_path, allow_pickle=False).astype(np.float32)
-        except (OSError, ValueError) as e:
-            raise ExportError(f"{mean_path}: unreadable ({e})") from None
-    model_path = os.path.join(path, final)
-    return ModelSource(load_keras(model_path), model_path, path, config, mean)
+            # Header checked before anything is allocated (np.load trusts it).
+            mean = load_npy(mean_path, shape=shape, max_bytes=64 << 20).astype(np.float32)
+        except DataError as e:
+            raise ExportError(str(e)) from None
+    return ModelSource(model, model_path, path, config, mean)
 
 
 # ------------------------------------------------------------------------ data
