@@ -7,8 +7,8 @@ wnid), which when present must agree with the label. Other features are ignored.
 
 Checks before any image is read: every shard of ``-of-MMMMM`` is present; each shard's
 framing is walked (every record length is checked against its CRC-32C and the bytes
-left in the file, so a truncated or corrupt shard is found at once) to count its records (counts are cached under
-tfq's cache folder, keyed by path, size and mtime); the first record of every shard is
+left in the file, so a truncated or corrupt shard is found at once) to count its
+records (counts are cached under tfq's cache folder, keyed by path, size and mtime); the first record of every shard is
 parsed and must have the two required features with the right types.
 """
 
