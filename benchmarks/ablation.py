@@ -856,6 +856,8 @@ def parse_args(argv=None):
            "quantized options against the FP models of an earlier ablation")
     a("--extra", default="", help="extra flags for every tfq.train call, e.g. --extra=--deterministic")
     a("--dry_run", action="store_true", help="print the plan, commands and estimate; run nothing")
+    a("--report_only", action="store_true",
+      help="rewrite table.md/json and curves.png from the finished rows; run nothing")
     a("--throughput_json", default=DEFAULT_THROUGHPUT, help="figures of benchmarks/throughput.py")
     a("--images_per_second", type=float, default=None,
       help="training speed for the estimate, instead of --throughput_json")
@@ -902,7 +904,7 @@ def main(argv=None, out=print):
     elif args.data_dir is not None:
         args.data_dir = os.path.abspath(args.data_dir)
     try:
-        check_protocol(args, write=not args.dry_run)
+        check_protocol(args, write=not (args.dry_run or args.report_only))
         rows = plan_rows(args)
         statuses = [row_status(r) for r in rows]
     except (AblationError, ValueError) as e:
@@ -910,6 +912,9 @@ def main(argv=None, out=print):
         return 2
     if args.dry_run:
         dry_run(rows, statuses, args, out)
+        return 0
+    if args.report_only:  # e.g. a partial table while (or after) another run trains
+        write_outputs(rows, statuses, args, out=out, show=True)
         return 0
     # A SIGTERM stops the running CLI too (run_row's finally), keeping its last epoch.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

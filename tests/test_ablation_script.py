@@ -290,7 +290,7 @@ def test_dry_run_prints_plan_and_estimate_and_writes_nothing(ab, tmp_path):
     assert not res.exists()
 
 
-def test_tiny_end_to_end_on_digits_then_skip(tmp_path):
+def test_tiny_end_to_end_on_digits_then_skip(ab, tmp_path):
     res = tmp_path / "res"
     argv = ["--dataset=digits", "--bits=2", "--rows=fp,baseline,ts", "--fp_epochs=1",
             "--budget=stage:1", "--train_limit=128", "--holdout=64", "--eval_split=holdout",
@@ -317,3 +317,14 @@ def test_tiny_end_to_end_on_digits_then_skip(tmp_path):
     assert again.stdout.count("finished earlier") == 3 and "running:" not in again.stdout
     assert ts_results.stat().st_mtime_ns == stamp
     assert json.loads((res / "table.json").read_text())["summary"] == table["summary"]
+
+    # --report_only: the table of the finished rows, pending ones marked, nothing run.
+    printed = []
+    argv = [a if not a.startswith("--rows=") else "--rows=fp,baseline,ts,pq" for a in argv]
+    assert ab.main([a for a in argv if a != "--quiet"] + ["--report_only"],
+                   out=printed.append) == 0
+    rows = json.loads((res / "table.json").read_text())["rows"]
+    assert [(row["key"], row["status"]) for row in rows] == [
+        ("fp", "done"), ("baseline", "done"), ("ts", "done"), ("pq", "pending")]
+    assert not (res / "clip" / "seed0" / "w2" / "pq").exists()
+    assert "| PQ |" in (res / "table.md").read_text()
