@@ -410,7 +410,8 @@ def summarize(rows, statuses, args):
 def goals(summary, args):
     """The issue's goals per FP activation: (activation, status, text) tuples."""
     out = []
-    split = "" if args.eval_split == "test" else f" [{args.eval_split} split, for tuning]"
+    reported = args.test_split or args.eval_split  # what row_status puts in the table
+    split = "" if reported == "test" else f" [{reported} split, for tuning]"
     for act, by_bits in summary.items():
         def check(bits, keys, field, threshold, text):
             table = by_bits.get(str(bits))
@@ -445,7 +446,8 @@ def format_table(rows, statuses, summary, goal_lines, args):
     lines = [f"# Ablation: {args.model} on {args.dataset}"
              + (f" ({args.data_dir})" if args.data_dir else ""),
              "",
-             f"Validation split: **{args.eval_split}**"
+             f"Table: final top-1 / top-5 on the **{args.test_split or args.eval_split}** split; "
+             f"per-epoch validation (curves) on **{args.eval_split}**"
              + (f" ({args.eval_limit} images max)" if args.eval_limit else "")
              + f"; train limit {args.train_limit or 'none'}, holdout {args.holdout}; "
              f"FP {args.fp_epochs} epochs (lr {args.fp_lr:g}, /10 every {args.fp_lr_decay_epochs}); "

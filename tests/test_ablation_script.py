@@ -328,3 +328,17 @@ def test_tiny_end_to_end_on_digits_then_skip(ab, tmp_path):
         ("fp", "done"), ("baseline", "done"), ("ts", "done"), ("pq", "pending")]
     assert not (res / "clip" / "seed0" / "w2" / "pq").exists()
     assert "| PQ |" in (res / "table.md").read_text()
+
+
+@pytest.mark.parametrize("test_split,label", [("test", False), ("holdout", True)])
+def test_goals_name_the_split_the_table_reports(ab, tmp_path, test_split, label):
+    # The table holds each row's final evaluation on --test_split, whatever split the
+    # per-epoch curves use: only a holdout table is marked as one for tuning.
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts,pq,guided", "--holdout=50",
+                    "--eval_split=holdout", f"--test_split={test_split}")
+    rows = ab.plan_rows(args)
+    statuses = [{"status": "done", "top1": 0.6, "top5": 0.9} for _ in rows]
+    texts = [text for _, status, text in ab.goals(ab.summarize(rows, statuses, args), args)
+             if status != "N/A"]
+    assert texts
+    assert all(("[holdout split, for tuning]" in t) == label for t in texts), texts
