@@ -924,3 +924,23 @@ def test_export_names_outputs_inside_out_dir_whatever_the_model_name(tmp_path, n
     out = tmp_path / "out"
     target = os.path.realpath(os.path.join(out, f"{stem}_float.tflite"))
     assert os.path.dirname(target) == os.path.realpath(out), stem
+
+
+@pytest.mark.parametrize("content", [b"not a npy file", None])
+def test_train_recomputes_a_damaged_run_mean(tmp_path, content):
+    from types import SimpleNamespace
+
+    from tfq import train
+
+    path = tmp_path / "mean.npy"
+    if content is None:  # a valid .npy holding values no pixel mean can have
+        np.save(path, np.full((8, 8, 3), np.nan, np.float32))
+    else:
+        path.write_bytes(content)
+    cfg = SimpleNamespace(mean="pixel", dataset="digits", data_dir=None, image_size=None)
+    run = SimpleNamespace(dir=str(tmp_path), writable=False)
+    info = tfq.data.info("digits")
+    said = []
+    mean = train._mean(cfg, run, info, {}, said.append)
+    assert mean.shape == tuple(info.image_shape[:2]) + (3,) and np.all(np.isfinite(mean))
+    assert said and "recomputing" in said[0]

@@ -574,7 +574,7 @@ def _train_locked(cfg, run, strategy, out):
         tf.config.experimental.enable_op_determinism()
     opts = dict(cfg.data_options)
     info = data.info(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts)
-    mean = _mean(cfg, run, info, opts)
+    mean = _mean(cfg, run, info, opts, out)
     common = dict(data_dir=cfg.data_dir, image_size=cfg.image_size, mean=mean,
                   holdout=cfg.holdout, download=cfg.download, seed=cfg.seed,
                   deterministic=cfg.deterministic, **opts)
@@ -672,21 +672,20 @@ def _train_locked(cfg, run, strategy, out):
     return _write_results(run, plan)
 
 
-def _mean(cfg, run, info, opts):
+def _mean(cfg, run, info, opts, out=print):
     import numpy as np
 
     from tfq import data
-    from tfq.data import DataError
-    from tfq.data.files import load_npy
+    from tfq.data.files import load_mean
 
     if cfg.mean == "none":
         return "none"
     path = os.path.join(run.dir, "mean.npy")
-    if os.path.exists(path):
-        try:
-            return load_npy(path, shape=tuple(info.image_shape[:2]) + (3,))
-        except DataError as e:  # recomputed: the same data gives the same mean
-            out(f"{e}: recomputing the pixel mean")
+    mean = load_mean(path, tuple(info.image_shape[:2]) + (3,))
+    if mean is not None:
+        return mean
+    if os.path.exists(path):  # recomputed: the same data gives the same mean
+        out(f"{path}: not a valid pixel mean; recomputing it")
     mean = np.asarray(data.pixel_mean(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts),
                       dtype="float32")
     if run.writable:

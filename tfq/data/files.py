@@ -134,6 +134,25 @@ def load_npy(path, shape=None, max_bytes=1 << 30):
     return np.frombuffer(data, dtype).reshape(declared, order="F" if fortran else "C").copy()
 
 
+def load_mean(path, shape):
+    """A saved per-pixel mean at ``path`` if it is a valid one, else None.
+
+    Valid: a plain ``.npy`` of ``shape``, finite, in [0, 1]. Callers recompute and
+    replace anything else (a damaged cache entry, or a crafted file).
+    """
+    import numpy as np
+
+    if not os.path.exists(path):
+        return None
+    try:
+        mean = load_npy(path, shape=shape, max_bytes=64 << 20).astype(np.float32)
+    except DataError:
+        return None
+    if not np.all(np.isfinite(mean)) or mean.min(initial=0) < 0 or mean.max(initial=0) > 1:
+        return None
+    return mean
+
+
 def first_existing(candidates):
     """The first path in ``candidates`` that exists, else None."""
     for c in candidates:

@@ -30,7 +30,7 @@ import tensorflow as tf
 from tfq.data import cifar, core, digits, folder, idx, imagenet, preprocess, robust, select
 from tfq.data import tfds_source
 from tfq.data.errors import DataError
-from tfq.data.files import atomic_write, cache_path, load_npy
+from tfq.data.files import atomic_write, cache_path, load_mean
 from tfq.data.skip import SkipCounter
 
 _SOURCES = {
@@ -285,19 +285,6 @@ def _mean_sample(records, max_images):
     return core.StreamRecords(open=open_, size=max_images, origin=records.origin)
 
 
-def _cached_mean(path, shape):
-    """The cached mean at ``path`` if it is a valid one (finite, in [0, 1]), else None."""
-    if not os.path.exists(path):
-        return None
-    try:
-        mean = load_npy(path, shape=shape, max_bytes=64 << 20).astype(np.float32)
-    except DataError:
-        return None  # a damaged or foreign cache entry: recomputed and replaced
-    if not np.all(np.isfinite(mean)) or mean.min(initial=0) < 0 or mean.max(initial=0) > 1:
-        return None
-    return mean
-
-
 def compute_mean(source, geometry, *, max_images=MAX_MEAN_IMAGES, skip_corrupt=False):
     """Per-pixel mean image (H, W, 3) float32 in [0, 1] units of the training split.
 
@@ -313,7 +300,7 @@ def compute_mean(source, geometry, *, max_images=MAX_MEAN_IMAGES, skip_corrupt=F
     if source.cache_key is not None:
         key = [source.cache_key, dataclasses.asdict(geometry), int(max_images), _MEAN_VERSION]
         path = cache_path("means", key, ".npy")
-        cached = _cached_mean(path, (*geometry.size, 3))
+        cached = load_mean(path, (*geometry.size, 3))
         if cached is not None:
             return cached
     sample = _mean_sample(train, max_images)
