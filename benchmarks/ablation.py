@@ -18,7 +18,10 @@ Budget rule (``--budget``), for the quantized stages of a row (the FP model is s
     longer; the paper trains each stage to convergence);
   - ``total:N``: each method gets N epochs in all, split evenly over its stages (the
     later stages get the remainder), but never fewer than ``--min_stage_epochs`` per
-    stage, so a method with many stages may exceed N.
+    stage, so a method with many stages may exceed N;
+  - ``final:N``: the last stage (the target precision) gets N epochs, as many as the
+    single-stage Baseline, and every earlier stage ``--min_stage_epochs``: each method
+    trains equally long at the target precision, the multi-stage ones longer in all.
 Stages per method at 2 bits with the default PQ sequence 32,8,4,2: Baseline 1, TS 2,
 PQ 3 (W8A8, W4A4, W2A2), Guided 1, PQ+TS 6 (W8A32, W4A32, W2A32, W2A8, W2A4, W2A2),
 TS+Guided 2, PQ+TS+Guided 6; at 4 bits PQ has 2 and PQ+TS 4.
@@ -131,7 +134,7 @@ class AblationError(ValueError):
 class Budget:
     """How many epochs each quantized stage of a row gets (see the module docstring)."""
 
-    kind: str  # "stage" or "total"
+    kind: str  # "stage", "total" or "final"
     epochs: int
     min_stage: int = 1
 
@@ -139,6 +142,8 @@ class Budget:
         """Epochs of each of a method's ``n_stages`` stages, in order."""
         if self.kind == "stage":
             return [self.epochs] * n_stages
+        if self.kind == "final":
+            return [self.min_stage] * (n_stages - 1) + [self.epochs]
         if n_stages * self.min_stage >= self.epochs:
             return [self.min_stage] * n_stages
         base, extra = divmod(self.epochs, n_stages)
@@ -146,18 +151,23 @@ class Budget:
 
     def __str__(self):
         text = f"{self.kind}:{self.epochs}"
-        return text + (f" (min {self.min_stage} per stage)" if self.kind == "total" else "")
+        if self.kind == "total":
+            return text + f" (min {self.min_stage} per stage)"
+        if self.kind == "final":
+            return text + f" (earlier stages {self.min_stage} each)"
+        return text
 
 
 def parse_budget(text, min_stage_epochs=1):
-    """``"stage:N"`` or ``"total:N"`` -> ``Budget``.
+    """``"stage:N"``, ``"total:N"`` or ``"final:N"`` -> ``Budget``.
 
     Raises:
       AblationError: anything else, or N / the minimum below 1.
     """
     kind, _, n = str(text).partition(":")
-    if kind not in ("stage", "total") or not n.strip().isdigit() or int(n) < 1:
-        raise AblationError(f"--budget must be stage:N or total:N with N >= 1; got {text!r}")
+    if kind not in ("stage", "total", "final") or not n.strip().isdigit() or int(n) < 1:
+        raise AblationError(
+            f"--budget must be stage:N, total:N or final:N with N >= 1; got {text!r}")
     if min_stage_epochs < 1:
         raise AblationError(f"--min_stage_epochs must be >= 1; got {min_stage_epochs}")
     return Budget(kind, int(n), int(min_stage_epochs))
@@ -838,9 +848,11 @@ def parse_args(argv=None):
     a("--fp_epochs", type=int, default=30, help="epochs of the shared full-precision model")
     a("--fp_lr", type=float, default=0.01, help="initial lr of the FP model")
     a("--fp_lr_decay_epochs", type=int, default=20, help="FP lr /10 every this many epochs")
-    a("--budget", default="total:8", help="stage:N (N epochs per quantized stage) or "
-      "total:N (N epochs per method, split over its stages)")
-    a("--min_stage_epochs", type=int, default=2, help="minimum epochs per stage under total:N")
+    a("--budget", default="total:8", help="stage:N (N epochs per quantized stage), "
+      "total:N (N epochs per method, split over its stages) or final:N (N epochs in the "
+      "last stage, --min_stage_epochs in each earlier one)")
+    a("--min_stage_epochs", type=int, default=2,
+      help="minimum epochs per stage under total:N; epochs of each earlier stage under final:N")
     a("--lr", type=float, default=1e-3, help="initial lr of every quantized stage")
     a("--lr_decay_epochs", type=int, default=10, help="quantized stages: lr /10 every this many epochs")
     a("--guidance_weight", type=float, default=0.5, help="lambda of the guidance loss")

@@ -37,6 +37,9 @@ def args_for(ab, tmp_path, *extra):
     ("total:8", 2, 4, [2, 2, 2, 2]),
     ("total:8", 2, 6, [2] * 6),  # the minimum wins: 12 epochs in all
     ("total:10", 1, 4, [2, 2, 3, 3]),
+    ("final:8", 2, 1, [8]),  # the Baseline: as long as under total:8
+    ("final:8", 2, 3, [2, 2, 8]),
+    ("final:5", 1, 6, [1, 1, 1, 1, 1, 5]),
 ])
 def test_budget_split(ab, budget, min_stage, n, want):
     got = ab.parse_budget(budget, min_stage).split(n)
@@ -45,9 +48,10 @@ def test_budget_split(ab, budget, min_stage, n, want):
         assert sum(got) == int(budget.split(":")[1])
 
 
-@pytest.mark.parametrize("text", ["stage", "stage:0", "total:-2", "epochs:3", "total:x", ""])
+@pytest.mark.parametrize("text", ["stage", "stage:0", "total:-2", "epochs:3", "total:x", "",
+                                  "final:0", "final"])
 def test_bad_budget_rejected(ab, text):
-    with pytest.raises(ab.AblationError, match="stage:N or total:N"):
+    with pytest.raises(ab.AblationError, match="stage:N, total:N or final:N"):
         ab.parse_budget(text)
 
 
@@ -104,7 +108,7 @@ def test_total_budget_and_filters(ab, tmp_path):
     (["--bits=4,16"], "outside 1..8"),
     (["--eval_split=holdout", "--holdout=0"], "needs --holdout > 0"),
     (["--seeds=1,1"], "twice"),
-    (["--budget=all:3"], "stage:N or total:N"),
+    (["--budget=all:3"], "stage:N, total:N or final:N"),
     (["--seeds=a"], "integers"),
 ])
 def test_bad_options_rejected(ab, tmp_path, argv, match, capsys):
