@@ -406,15 +406,30 @@ def summarize(rows, statuses, args):
 
                 t1, t1sd = _mean_sd([v[0] for v in seeds.values()])
                 t5, t5sd = _mean_sd([v[1] for v in seeds.values()])
+                epochs = next(r.epochs for r in rows if r.fp_activation == act
+                              and r.bits == b and r.key == key)
                 table[key] = {
                     "seeds": {str(s): {"top1": v[0], "top5": v[1]} for s, v in seeds.items()},
-                    "n": len(seeds), "top1": t1, "top1_sd": t1sd, "top5": t5, "top5_sd": t5sd}
+                    "n": len(seeds), "top1": t1, "top1_sd": t1sd, "top5": t5, "top5_sd": t5sd,
+                    "epochs": epochs}
                 if key != "fp":
                     for name, ref in (("vs_baseline", ("baseline", bits)), ("vs_fp", ("fp", None))):
                         d, dsd = delta(*ref) if seeds else (None, None)
                         table[key][name], table[key][name + "_sd"] = d, dsd
             summary.setdefault(act, {})[str(bits)] = table
     return summary
+
+
+def unequal_epochs(table, keys):
+    """A caveat for a goal comparing rows trained longer than the Baseline, or ""."""
+    base = table["baseline"].get("epochs")
+    longer = [f"{LABELS[k]} {table[k]['epochs']}" for k in keys
+              if table[k].get("epochs") not in (None, base)]
+    if not longer or base is None:
+        return ""
+    # stage:N and final:N give multi-stage methods more epochs: part of a gain may be that
+    return (f"; not at equal epochs ({', '.join(longer)} vs Baseline {base}): "
+            "compare a Baseline trained as long")
 
 
 def goals(summary, args):
@@ -435,7 +450,8 @@ def goals(summary, args):
             got = ", ".join(f"{LABELS[k]} {v:+.2f}" for k, v in zip(keys, vals))
             n = min(table[k]["n"] for k in keys)
             out.append((act, "PASS" if ok else "FAIL",
-                        f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){split}"))
+                        f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){split}"
+                        + (unequal_epochs(table, keys) if field == "vs_baseline" else "")))
 
         check(4, ["pq+ts+guided"], "vs_fp", -0.5, "4-bit PQ+TS+Guided within 0.5 top-1 of FP")
         check(2, ["pq+ts+guided"], "vs_baseline", 1.5, "2-bit PQ+TS+Guided >= 1.5 above Baseline")

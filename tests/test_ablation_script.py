@@ -260,6 +260,24 @@ def test_goals_pass_fail_pending(ab, tmp_path):
     assert got["2-bit TS, PQ, Guided each >= Baseline"] == "PENDING"
 
 
+def test_goal_lines_flag_rows_trained_longer_than_the_baseline(ab, tmp_path):
+    def goal_texts(budget):
+        args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts,pq,guided,pq+ts+guided",
+                        f"--budget={budget}", "--holdout=50", "--eval_split=test")
+        rows = ab.plan_rows(args)
+        statuses = [{"status": "done", "top1": 0.6 + 0.01 * i, "top5": 0.9}
+                    for i, _ in enumerate(rows)]
+        return {t.split(":")[0]: t for _, _, t in ab.goals(ab.summarize(rows, statuses, args), args)}
+
+    # final:8 at 2 bits: Baseline 8 epochs, TS 2+8, PQ 2+2+8, Guided 8, PQ+TS+Guided 5x2+8.
+    got = goal_texts("final:8")
+    assert "not at equal epochs (PQ+TS+Guided 18 vs Baseline 8)" in got[
+        "2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+    assert "(TS 10, PQ 12 vs Baseline 8)" in got["2-bit TS, PQ, Guided each >= Baseline"]
+    # total:12 with 2-epoch stages: every 2-bit method gets 12 epochs, so no caveat.
+    assert not any("equal epochs" in t for t in goal_texts("total:12").values())
+
+
 def test_other_protocol_in_results_dir_refused(ab, tmp_path):
     args = args_for(ab, tmp_path, "--budget=stage:2")
     ab.check_protocol(args, write=True)
