@@ -422,10 +422,9 @@ def summarize(rows, statuses, args):
 
 def unequal_epochs(table, keys):
     """A caveat for a goal comparing rows trained longer than the Baseline, or ""."""
-    base = table["baseline"].get("epochs")
-    longer = [f"{LABELS[k]} {table[k]['epochs']}" for k in keys
-              if table[k].get("epochs") not in (None, base)]
-    if not longer or base is None:
+    base = table["baseline"]["epochs"]
+    longer = [f"{LABELS[k]} {table[k]['epochs']}" for k in keys if table[k]["epochs"] != base]
+    if not longer:
         return ""
     # stage:N and final:N give multi-stage methods more epochs: part of a gain may be that
     return (f"; not at equal epochs ({', '.join(longer)} vs Baseline {base}): "
