@@ -2,7 +2,10 @@
 
 Rows: full precision, then for every bit-width of ``--bits``: Baseline, TS, PQ, Guided,
 PQ+TS, TS+Guided, PQ+TS+Guided and PQ+TS+Guided** (first conv and last FC at 32-bit
-weights). Every row is one ``python -m tfq.train`` subprocess with its own model_dir,
+weights), and a control the paper lacks: Baseline (long), row ``baseline_long``, the
+Baseline trained as many epochs as the longest method gets under ``--budget`` (its lr
+decay interval stretched by the same factor); it is left out where no method is longer
+than the Baseline. Every row is one ``python -m tfq.train`` subprocess with its own model_dir,
 so a kill loses at most the current epoch of one row: rerunning this script with the
 same options skips finished rows (their ``results.json`` says ``complete``), reuses
 their numbers, and reruns an unfinished row with the same command, which the CLI
@@ -52,6 +55,8 @@ deviation over seeds, and the top-1 change against the Baseline and against FP (
 per seed, then averaged), then one PASS / FAIL / PENDING line per goal of issue 8:
 4-bit PQ+TS+Guided within 0.5 points top-1 of FP; 2-bit PQ+TS+Guided at least 1.5
 points above the 2-bit Baseline; TS, PQ and Guided each at least the 2-bit Baseline.
+Where a compared method trained longer than the Baseline, its goal line says so and,
+once Baseline (long) has finished, gives the change against it too.
 
 ``--dry_run`` prints the rows, their stages, epochs and CLI commands, the status of
 each row in ``--results_dir``, the total planned epochs and an estimate of the compute:
@@ -101,11 +106,14 @@ if ROOT not in sys.path:
 from tfq import runstate  # noqa: E402  (no TensorFlow import)
 
 # The rows of the paper's table, in its order; "**" = first conv and last FC at 32 bits.
+# "baseline_long" is not the paper's: the Baseline trained as long as the longest method,
+# the control that tells a scheme's effect from the extra epochs its stages bring.
 ROWS = ("fp", "baseline", "ts", "pq", "guided", "pq+ts", "ts+guided", "pq+ts+guided",
-        "pq+ts+guided**")
+        "pq+ts+guided**", "baseline_long")
 LABELS = {"fp": "Full precision", "baseline": "Baseline", "ts": "TS", "pq": "PQ",
           "guided": "Guided", "pq+ts": "PQ+TS", "ts+guided": "TS+Guided",
-          "pq+ts+guided": "PQ+TS+Guided", "pq+ts+guided**": "PQ+TS+Guided**"}
+          "pq+ts+guided": "PQ+TS+Guided", "pq+ts+guided**": "PQ+TS+Guided**",
+          "baseline_long": "Baseline (long)"}
 FP_ACTIVATIONS = ("relu", "clip")
 
 CIFAR10_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
@@ -192,7 +200,7 @@ class Row:
 
     @property
     def method(self):
-        return self.key.rstrip("*")
+        return method_of(self.key)
 
     @property
     def epochs(self):
@@ -206,6 +214,11 @@ class Row:
     def label(self):
         where = "FP" if self.bits is None else f"W{self.bits}A{self.bits}"
         return f"{self.fp_activation} seed{self.seed} {where} {LABELS[self.key]}"
+
+
+def method_of(key):
+    """The ``tfq.train --method`` of a row key ("pq+ts+guided**" -> "pq+ts+guided")."""
+    return "baseline" if key == "baseline_long" else key.rstrip("*")
 
 
 def slug(key):
@@ -245,12 +258,34 @@ def fp_row(args, act, seed):
                tuple(argv))
 
 
+def longest_epochs(args, bits, budget):
+    """Epochs of the longest method at ``bits`` under ``budget``: the long Baseline's.
+
+    Taken over every method of ``ROWS``, not only the selected ones, so that the row
+    (and its model_dir's config) does not change with ``--rows``.
+    """
+    from tfq import precision
+
+    methods = {method_of(k) for k in ROWS if k not in ("fp", "baseline_long")}
+    return max(sum(budget.split(len(precision.plan_stages(
+        m, w_bits=bits, a_bits=bits, pq_sequence=args.pq_sequence)))) for m in methods)
+
+
 def quantized_row(args, key, bits, act, seed, budget):
+    """The row ``key`` at ``bits``, or None for a long Baseline no longer than the Baseline."""
     from tfq import precision  # imports Keras: only once there is something to plan
 
-    method = key.rstrip("*")
+    method = method_of(key)
     plan = precision.plan_stages(method, w_bits=bits, a_bits=bits, pq_sequence=args.pq_sequence)
     epochs = budget.split(len(plan))
+    decay = args.lr_decay_epochs
+    if key == "baseline_long":
+        longest = longest_epochs(args, bits, budget)
+        if longest <= epochs[0]:
+            return None  # the Baseline is already as long as every method
+        # The Baseline's lr schedule stretched to the longer run, as one would train it.
+        decay = max(1, int(decay * longest / epochs[0] + 0.5))
+        epochs = [longest]
     stages = tuple((s.name, s.w_bits, s.a_bits, s.guided, e) for s, e in zip(plan, epochs))
     sdir = seed_dir(args, act, seed)
     model_dir = os.path.join(sdir, f"w{bits}", slug(key))
@@ -259,7 +294,7 @@ def quantized_row(args, key, bits, act, seed, budget):
     init = fp_dir
     argv = common_flags(args, act, seed, model_dir) + [
         f"--method={method}", f"--bits={bits}", f"--stage_epochs={','.join(map(str, epochs))}",
-        f"--lr={args.lr:g}", f"--lr_decay_epochs={args.lr_decay_epochs}",
+        f"--lr={args.lr:g}", f"--lr_decay_epochs={decay}",
         f"--guidance_weight={args.guidance_weight:g}", f"--guidance_norm={args.guidance_norm}",
         f"--pq_sequence={','.join(map(str, args.pq_sequence))}", f"--init_from={init}"]
     if pinned:
@@ -282,7 +317,8 @@ def plan_rows(args):
             if keys or "fp" in args.rows:
                 rows.append(fp_row(args, act, seed))
             for bits in args.bits:
-                rows += [quantized_row(args, k, bits, act, seed, budget) for k in keys]
+                planned = (quantized_row(args, k, bits, act, seed, budget) for k in keys)
+                rows += [r for r in planned if r is not None]
     return rows
 
 
@@ -413,7 +449,8 @@ def summarize(rows, statuses, args):
                     "n": len(seeds), "top1": t1, "top1_sd": t1sd, "top5": t5, "top5_sd": t5sd,
                     "epochs": epochs}
                 if key != "fp":
-                    for name, ref in (("vs_baseline", ("baseline", bits)), ("vs_fp", ("fp", None))):
+                    for name, ref in (("vs_baseline", ("baseline", bits)), ("vs_fp", ("fp", None)),
+                                      ("vs_baseline_long", ("baseline_long", bits))):
                         d, dsd = delta(*ref) if seeds else (None, None)
                         table[key][name], table[key][name + "_sd"] = d, dsd
             summary.setdefault(act, {})[str(bits)] = table
@@ -421,14 +458,24 @@ def summarize(rows, statuses, args):
 
 
 def unequal_epochs(table, keys):
-    """A caveat for a goal comparing rows trained longer than the Baseline, or ""."""
+    """A caveat for a goal comparing rows trained longer than the Baseline, or "".
+
+    With a finished long Baseline (``baseline_long``) in the table, the caveat gives each
+    row's top-1 change against it: the comparison at (nearly) equal epochs.
+    """
     base = table["baseline"]["epochs"]
-    longer = [f"{LABELS[k]} {table[k]['epochs']}" for k in keys if table[k]["epochs"] != base]
+    longer = [k for k in keys if table[k]["epochs"] != base]
     if not longer:
         return ""
     # stage:N and final:N give multi-stage methods more epochs: part of a gain may be that
-    return (f"; not at equal epochs ({', '.join(longer)} vs Baseline {base}): "
-            "compare a Baseline trained as long")
+    named = ", ".join(f"{LABELS[k]} {table[k]['epochs']}" for k in longer)
+    text = f"; not at equal epochs ({named} vs Baseline {base})"
+    long = table.get("baseline_long")
+    if long is None or long["top1"] is None:
+        return text + ": compare a Baseline trained as long (row baseline_long)"
+    got = ", ".join(f"{LABELS[k]} {_fmt(table[k].get('vs_baseline_long'), signed=True)}"
+                    for k in keys)
+    return text + f"; against the Baseline trained {long['epochs']} epochs: {got}"
 
 
 def goals(summary, args):
@@ -481,13 +528,18 @@ def format_table(rows, statuses, summary, goal_lines, args):
              f"({args.guidance_norm}), batch {args.batch_size}"
              + (f", extra CLI flags `{args.extra}`" if args.extra else "") + ".",
              "Top-1 / top-5 in %; Δ = top-1 change in points, paired per seed; ± = standard "
-             "deviation over seeds.", ""]
+             "deviation over seeds; Baseline (long): the Baseline trained as long as the longest "
+             "method (lr schedule stretched alike), the equal-epochs control.", ""]
     for act, by_bits in summary.items():
         for bits, table in by_bits.items():
             lines.append(f"## FP activation {act}, W{bits}A{bits}")
             lines.append("")
             head = ["row", "epochs"] + [f"seed {s} top-1 / top-5" for s in args.seeds]
             head += ["mean top-1", "mean top-5", "Δ vs Baseline", "Δ vs FP"]
+            deltas = [("vs_baseline", ("fp", "baseline")), ("vs_fp", ("fp",))]
+            if "baseline_long" in table:
+                head.append("Δ vs Baseline (long)")
+                deltas.append(("vs_baseline_long", ("fp", "baseline_long")))
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for key, t in table.items():
                 b = None if key == "fp" else int(bits)
@@ -503,7 +555,7 @@ def format_table(rows, statuses, summary, goal_lines, args):
                     else:
                         cells.append(st.get("error", st["status"]))
                 cells += [_fmt(t["top1"], t["top1_sd"]), _fmt(t["top5"], t["top5_sd"])]
-                for field, skip in (("vs_baseline", ("fp", "baseline")), ("vs_fp", ("fp",))):
+                for field, skip in deltas:
                     cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")

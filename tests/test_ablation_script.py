@@ -62,8 +62,12 @@ def test_default_rows_stages_and_commands(ab, tmp_path):
     args = args_for(ab, tmp_path, "--budget=stage:3", "--fp_epochs=7", "--holdout=100")
     rows = ab.plan_rows(args)
     assert [r.key for r in rows] == ["fp"] + list(ab.ROWS[1:]) * 2
-    assert [r.bits for r in rows] == [None] + [4] * 8 + [2] * 8
+    assert [r.bits for r in rows] == [None] + [4] * 9 + [2] * 9
     fp = rows[0]
+    # The long Baseline: as many epochs as PQ+TS, 4 (4 bits) or 6 (2 bits) stages of 3.
+    long = {r.bits: r for r in rows if r.key == "baseline_long"}
+    assert (long[4].epochs, long[2].epochs) == (12, 18)
+    rows = [r for r in rows if r.key != "baseline_long"]
     assert "--method=fp" in fp.argv and "--epochs=7" in fp.argv and fp.epochs == 7
     stages = {(r.bits, r.key): [(w, a, g) for _, w, a, g, _ in r.stages] for r in rows[1:]}
     # Stage counts of the paper's methods, from tfq.precision.plan_stages.
@@ -278,6 +282,57 @@ def test_goal_lines_flag_rows_trained_longer_than_the_baseline(ab, tmp_path):
     assert not any("equal epochs" in t for t in goal_texts("total:12").values())
 
 
+@pytest.mark.parametrize("budget,decay,want", [
+    # 2 bits, PQ sequence 32,8,4,2: PQ+TS and PQ+TS+Guided have 6 stages, the most.
+    ("final:8", 6, {2: (18, 14)}),  # 5 x 2 + 8 epochs; lr decay 6 x 18 / 8 = 13.5 -> 14
+    ("total:8", 10, {2: (12, 15)}),  # 6 x 2 (the minimum wins); 10 x 12 / 8 = 15
+    ("total:12", 10, {}),  # every method gets 12: the Baseline is the control itself
+])
+def test_long_baseline_row(ab, tmp_path, budget, decay, want):
+    args = args_for(ab, tmp_path, "--bits=4,2", "--rows=baseline,ts,baseline_long",
+                    f"--budget={budget}", "--min_stage_epochs=2", f"--lr_decay_epochs={decay}")
+    rows = [r for r in ab.plan_rows(args) if r.key == "baseline_long"]
+    if budget == "final:8":  # at 4 bits PQ+TS has 4 stages: 3 x 2 + 8
+        want = {4: (14, 11), **want}  # 6 x 14 / 8 = 10.5 -> 11
+    assert {r.bits: (r.epochs, int(next(a for a in r.argv if a.startswith("--lr_decay_epochs="))
+                                    .split("=")[1])) for r in rows} == want
+    for r in rows:
+        # The longest method, not the selected rows (TS only): --rows does not change it.
+        assert r.method == "baseline" and "--method=baseline" in r.argv
+        assert f"--stage_epochs={r.epochs}" in r.argv and len(r.stages) == 1
+        assert r.model_dir.endswith(os.path.join(f"w{r.bits}", "baseline_long"))
+
+
+def test_goal_lines_give_the_change_against_the_long_baseline(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--budget=final:8", "--holdout=50",
+                    "--eval_split=test", "--rows=baseline,ts,pq,guided,pq+ts+guided,baseline_long")
+    rows = ab.plan_rows(args)
+    top1 = {"fp": 0.70, "baseline": 0.60, "ts": 0.62, "pq": 0.615, "guided": 0.605,
+            "pq+ts+guided": 0.63, "baseline_long": 0.625}
+    done = [{"status": "done", "top1": top1[r.key], "top5": 0.9} for r in rows]
+
+    def texts(statuses):
+        summary = ab.summarize(rows, statuses, args)
+        lines = {t.split(":")[0]: t for _, _, t in ab.goals(summary, args)}
+        return summary, lines, ab.format_table(rows, statuses, summary, ab.goals(summary, args), args)
+
+    summary, got, md = texts(done)
+    assert summary["relu" if args.fp_activation == "relu" else "clip"]["2"]["pq+ts+guided"][
+        "vs_baseline_long"] == pytest.approx(0.5)
+    line = got["2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+    assert line.startswith("2-bit PQ+TS+Guided >= 1.5 above Baseline: PQ+TS+Guided +3.00")
+    assert "against the Baseline trained 18 epochs: PQ+TS+Guided +0.50" in line
+    assert ("against the Baseline trained 18 epochs: TS -0.50, PQ -1.00, Guided -2.00"
+            in got["2-bit TS, PQ, Guided each >= Baseline"])
+    assert "Δ vs Baseline (long)" in md
+    assert "| Baseline (long) | 18 | 62.50 / 90.00 | 62.50 | 90.00 | +2.50 | -7.50 |  |" in md
+    # Until the long Baseline has finished, the line says which row to wait for.
+    pending = [s if r.key != "baseline_long" else {"status": "pending", "epochs_done": 0}
+               for r, s in zip(rows, done)]
+    assert "compare a Baseline trained as long (row baseline_long)" in texts(pending)[1][
+        "2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+
+
 def test_other_protocol_in_results_dir_refused(ab, tmp_path):
     args = args_for(ab, tmp_path, "--budget=stage:2")
     ab.check_protocol(args, write=True)
@@ -304,9 +359,10 @@ def test_dry_run_prints_plan_and_estimate_and_writes_nothing(ab, tmp_path):
                  out=printed.append)
     assert rc == 0
     out = "\n".join(printed)
-    assert out.count("-m tfq.train") == 17
-    # 3 FP epochs + 2 per stage: 4 bits 1+2+2+1+4+2+4+4 stages, 2 bits 1+2+3+1+6+2+6+6.
-    assert "planned: 97 epochs in 17 rows (3 full-precision, 94 quantized" in out
+    assert out.count("-m tfq.train") == 19
+    # 3 FP epochs + 2 per stage: 4 bits 1+2+2+1+4+2+4+4 stages, 2 bits 1+2+3+1+6+2+6+6,
+    # and the long Baselines as long as the longest of those (4 and 6 stages).
+    assert "planned: 117 epochs in 19 rows (3 full-precision, 114 quantized" in out
     assert "500 training and 100 holdout images per epoch" in out
     assert "estimated compute:" in out
     assert not res.exists()
