@@ -422,11 +422,12 @@ def summarize(rows, statuses, args):
     Deltas are in points of top-1, paired per seed (row minus Baseline / FP of the
     same seed and FP activation), then averaged over the seeds that have both.
     """
-    pct = {}  # (act, bits, key, seed) -> (top1, top5) in %
+    pct = {}  # (act, bits, key, seed) -> (top1, top5, eval_top1 or None) in %
     for row, st in zip(rows, statuses):
         if st["status"] == "done":
-            pct[(row.fp_activation, row.bits, row.key, row.seed)] = (100 * st["top1"],
-                                                                     100 * st["top5"])
+            ev = st.get("eval_top1")
+            pct[(row.fp_activation, row.bits, row.key, row.seed)] = (
+                100 * st["top1"], 100 * st["top5"], None if ev is None else 100 * ev)
     summary = {}
     for act in fp_activations(args):
         for bits in args.bits:
@@ -442,12 +443,15 @@ def summarize(rows, statuses, args):
 
                 t1, t1sd = _mean_sd([v[0] for v in seeds.values()])
                 t5, t5sd = _mean_sd([v[1] for v in seeds.values()])
+                # The final model on --eval_split: the split read while tuning, shown
+                # beside the reported one so that their disagreements are visible.
+                ev, evsd = _mean_sd([v[2] for v in seeds.values() if v[2] is not None])
                 epochs = next(r.epochs for r in rows if r.fp_activation == act
                               and r.bits == b and r.key == key)
                 table[key] = {
                     "seeds": {str(s): {"top1": v[0], "top5": v[1]} for s, v in seeds.items()},
                     "n": len(seeds), "top1": t1, "top1_sd": t1sd, "top5": t5, "top5_sd": t5sd,
-                    "epochs": epochs}
+                    "eval_top1": ev, "eval_top1_sd": evsd, "epochs": epochs}
                 if key != "fp":
                     for name, ref in (("vs_baseline", ("baseline", bits)), ("vs_fp", ("fp", None)),
                                       ("vs_baseline_long", ("baseline_long", bits))):
@@ -519,7 +523,8 @@ def format_table(rows, statuses, summary, goal_lines, args):
              + (f" ({args.data_dir})" if args.data_dir else ""),
              "",
              f"Table: final top-1 / top-5 on the **{args.test_split or args.eval_split}** split; "
-             f"per-epoch validation (curves) on **{args.eval_split}**"
+             f"per-epoch validation (curves, and the final model in column 'mean "
+             f"{args.eval_split} top-1' where it is another split) on **{args.eval_split}**"
              + (f" ({args.eval_limit} images max)" if args.eval_limit else "")
              + f"; train limit {args.train_limit or 'none'}, holdout {args.holdout}; "
              f"FP {args.fp_epochs} epochs (lr {args.fp_lr:g}, /10 every {args.fp_lr_decay_epochs}); "
@@ -535,7 +540,11 @@ def format_table(rows, statuses, summary, goal_lines, args):
             lines.append(f"## FP activation {act}, W{bits}A{bits}")
             lines.append("")
             head = ["row", "epochs"] + [f"seed {s} top-1 / top-5" for s in args.seeds]
-            head += ["mean top-1", "mean top-5", "Δ vs Baseline", "Δ vs FP"]
+            head += ["mean top-1", "mean top-5"]
+            other_split = args.eval_split != (args.test_split or args.eval_split)
+            if other_split:
+                head.append(f"mean {args.eval_split} top-1")
+            head += ["Δ vs Baseline", "Δ vs FP"]
             deltas = [("vs_baseline", ("fp", "baseline")), ("vs_fp", ("fp",))]
             if "baseline_long" in table:
                 head.append("Δ vs Baseline (long)")
@@ -555,6 +564,8 @@ def format_table(rows, statuses, summary, goal_lines, args):
                     else:
                         cells.append(st.get("error", st["status"]))
                 cells += [_fmt(t["top1"], t["top1_sd"]), _fmt(t["top5"], t["top5_sd"])]
+                if other_split:
+                    cells.append(_fmt(t["eval_top1"], t["eval_top1_sd"]))
                 for field, skip in deltas:
                     cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
                 lines.append("| " + " | ".join(cells) + " |")

@@ -333,6 +333,24 @@ def test_goal_lines_give_the_change_against_the_long_baseline(ab, tmp_path):
         "2-bit PQ+TS+Guided >= 1.5 above Baseline"]
 
 
+def test_table_shows_the_tuning_split_beside_the_reported_one(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts", "--budget=stage:1",
+                    "--seeds=0,1", "--holdout=50")  # curves on holdout, table on test
+    rows = ab.plan_rows(args)
+    test = {"fp": (0.70, 0.72), "baseline": (0.60, 0.62), "ts": (0.61, 0.59)}
+    hold = {"fp": (0.75, 0.77), "baseline": (0.64, 0.66), "ts": (0.68, 0.70)}
+    statuses = [{"status": "done", "top1": test[r.key][r.seed], "top5": 0.9,
+                 "eval_top1": hold[r.key][r.seed]} for r in rows]
+    summary = ab.summarize(rows, statuses, args)
+    ts = summary["clip"]["2"]["ts"]
+    assert ts["eval_top1"] == pytest.approx(69.0) and ts["eval_top1_sd"] == pytest.approx(2 ** 0.5)
+    assert ts["top1"] == pytest.approx(60.0)
+    md = ab.format_table(rows, statuses, summary, ab.goals(summary, args), args)
+    assert "| mean top-1 | mean top-5 | mean holdout top-1 | Δ vs Baseline |" in md
+    assert ("| TS | 2 | 61.00 / 90.00 | 59.00 / 90.00 | 60.00 ± 1.41 | 90.00 ± 0.00 | 69.00 ± 1.41 "
+            "| -1.00 ± 2.83 | -11.00 ± 2.83 |") in md
+
+
 def test_other_protocol_in_results_dir_refused(ab, tmp_path):
     args = args_for(ab, tmp_path, "--budget=stage:2")
     ab.check_protocol(args, write=True)
