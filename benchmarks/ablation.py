@@ -482,10 +482,15 @@ def unequal_epochs(table, keys):
     return text + f"; against the Baseline trained {long['epochs']} epochs: {got}"
 
 
+def reported_split(args):
+    """The split of each row's final evaluation, which the table reports."""
+    return args.test_split or args.eval_split
+
+
 def goals(summary, args):
     """The issue's goals per FP activation: (activation, status, text) tuples."""
     out = []
-    reported = args.test_split or args.eval_split  # what row_status puts in the table
+    reported = reported_split(args)
     split = "" if reported == "test" else f" [{reported} split, for tuning]"
     for act, by_bits in summary.items():
         def check(bits, keys, field, threshold, text):
@@ -522,7 +527,7 @@ def format_table(rows, statuses, summary, goal_lines, args):
     lines = [f"# Ablation: {args.model} on {args.dataset}"
              + (f" ({args.data_dir})" if args.data_dir else ""),
              "",
-             f"Table: final top-1 / top-5 on the **{args.test_split or args.eval_split}** split; "
+             f"Table: final top-1 / top-5 on the **{reported_split(args)}** split; "
              f"per-epoch validation (curves, and the final model in column 'mean "
              f"{args.eval_split} top-1' where it is another split) on **{args.eval_split}**"
              + (f" ({args.eval_limit} images max)" if args.eval_limit else "")
@@ -535,13 +540,13 @@ def format_table(rows, statuses, summary, goal_lines, args):
              "Top-1 / top-5 in %; Δ = top-1 change in points, paired per seed; ± = standard "
              "deviation over seeds; Baseline (long): the Baseline trained as long as the longest "
              "method (lr schedule stretched alike), the equal-epochs control.", ""]
+    other_split = args.eval_split != reported_split(args)
     for act, by_bits in summary.items():
         for bits, table in by_bits.items():
             lines.append(f"## FP activation {act}, W{bits}A{bits}")
             lines.append("")
             head = ["row", "epochs"] + [f"seed {s} top-1 / top-5" for s in args.seeds]
             head += ["mean top-1", "mean top-5"]
-            other_split = args.eval_split != (args.test_split or args.eval_split)
             if other_split:
                 head.append(f"mean {args.eval_split} top-1")
             head += ["Δ vs Baseline", "Δ vs FP"]
