@@ -584,12 +584,41 @@ def format_table(rows, statuses, summary, goal_lines, args):
     return "\n".join(lines) + "\n"
 
 
+FP_TAIL_EPOCHS = 3  # FP epochs left in view before the quantized part of a panel
+
+
+def zoom_limits(points, fp_epochs, fp_tail=FP_TAIL_EPOCHS, margin=0.08):
+    """Axis limits that show the quantized epochs of a panel, not the FP warm-up.
+
+    The 30-odd FP epochs climb from ~30% and would squeeze the quantized curves, which
+    differ by a point or two, into a sliver; the panel keeps the FP model's last
+    ``fp_tail`` epochs (where the methods start from) and everything after them.
+
+    Args:
+      points: (x, y) of every point drawn in the panel, FP included.
+      fp_epochs: the FP model's epochs (quantized epochs are drawn after them).
+      fp_tail: FP epochs kept in view.
+      margin: fraction of the y range added above and below.
+
+    Returns:
+      ((x_lo, x_hi), (y_lo, y_hi)), or None when there is nothing after the FP epochs.
+    """
+    x_lo = fp_epochs - fp_tail + 0.5
+    seen = [(x, y) for x, y in points if x >= x_lo]
+    if not any(x > fp_epochs for x, _ in seen):
+        return None
+    ys = [y for _, y in seen]
+    pad = max((max(ys) - min(ys)) * margin, 0.5)
+    return (x_lo, max(x for x, _ in seen) + 0.5), (min(ys) - pad, max(ys) + pad)
+
+
 def plot_curves(rows, path, args):
     """Validation top-1 per epoch: one panel per FP activation and bit-width.
 
     Every method's curve starts where the FP model's ends (its epochs counted from its
     first quantized stage); dots mark the start of each stage; the first seed is drawn
-    solid, the others dashed.
+    solid, the others dashed. Each panel is zoomed on the quantized epochs and the FP
+    model's last few (``zoom_limits``), with the FP model's final top-1 as a dotted line.
     """
     import matplotlib
 
@@ -604,7 +633,7 @@ def plot_curves(rows, path, args):
     for i, act in enumerate(acts):
         for j, b in enumerate(bits):
             ax = axes[i][j]
-            fp_len = 0
+            fp_len, drawn, fp_final = 0, [], []
             for row in rows:
                 if row.fp_activation != act or row.bits not in (b, None):
                     continue
@@ -616,6 +645,9 @@ def plot_curves(rows, path, args):
                 start = 0 if row.key == "fp" else args.fp_epochs
                 xs = [start + e for e, _, _ in curve]
                 ys = [100 * v for _, v, _ in curve]
+                drawn += zip(xs, ys)
+                if row.key == "fp" and row.seed == args.seeds[0]:
+                    fp_final.append(ys[-1])
                 colour = "black" if row.key == "fp" else colours[order[row.key] % len(colours)]
                 first = row.seed == args.seeds[0]
                 ax.plot(xs, ys, "-" if first else "--", lw=1.4 if first else 0.9, color=colour,
@@ -624,14 +656,21 @@ def plot_curves(rows, path, args):
                 ax.plot([xs[k] for k in starts], [ys[k] for k in starts], "o", ms=3, color=colour)
             if fp_len:
                 ax.axvline(args.fp_epochs + 0.5, color="grey", lw=0.6, ls=":")
+            for y in fp_final:
+                ax.axhline(y, color="black", lw=0.6, ls=":")
+            limits = zoom_limits(drawn, args.fp_epochs)
+            if limits:
+                ax.set_xlim(*limits[0])
+                ax.set_ylim(*limits[1])
             ax.set_title(f"W{b}A{b}, FP activation {act}")
-            ax.set_xlabel("epoch (FP, then each method's quantized stages)")
+            ax.set_xlabel(f"epoch (FP's last {FP_TAIL_EPOCHS} of {args.fp_epochs}, "
+                          "then each method's quantized stages)")
             ax.set_ylabel(f"{args.eval_split} top-1 (%)")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{args.model} on {args.dataset}: validation top-1 per epoch "
-                 f"(dots: stage starts; dashed: further seeds)", fontsize=10)
+                 f"(dots: stage starts; dashed: further seeds; dotted: FP's final top-1)", fontsize=10)
     fig.tight_layout()
     with runstate.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -351,6 +351,20 @@ def test_table_shows_the_tuning_split_beside_the_reported_one(ab, tmp_path):
             "| -1.00 ± 2.83 | -11.00 ± 2.83 |") in md
 
 
+def test_curve_panels_zoom_on_the_quantized_epochs(ab):
+    # FP climbs from 30% to 75% over 10 epochs; the methods move between 60% and 72%.
+    fp = [(e, 30 + 4.5 * e) for e in range(1, 11)]
+    quantized = [(11, 60.0), (12, 66.0), (13, 72.0), (11, 64.0), (12, 70.0)]
+    (x_lo, x_hi), (y_lo, y_hi) = ab.zoom_limits(fp + quantized, fp_epochs=10, fp_tail=3)
+    # In view: FP epochs 8-10 (66, 70.5, 75) and the quantized points (60..72).
+    assert (x_lo, x_hi) == (7.5, 13.5)
+    pad = (75 - 60) * 0.08
+    assert (y_lo, y_hi) == pytest.approx((60 - pad, 75 + pad))
+    assert ab.zoom_limits(fp, fp_epochs=10) is None  # nothing quantized yet: no zoom
+    (_, _), (lo, hi) = ab.zoom_limits([(10, 70.0), (11, 70.1)], fp_epochs=10)
+    assert (lo, hi) == pytest.approx((69.5, 70.6))  # a flat panel still gets +-0.5 points
+
+
 def test_other_protocol_in_results_dir_refused(ab, tmp_path):
     args = args_for(ab, tmp_path, "--budget=stage:2")
     ab.check_protocol(args, write=True)
