@@ -46,7 +46,7 @@ Layout of ``--results_dir``::
 
   protocol.json                       the options every row depends on (a rerun must match)
   table.json, table.md                the table, rewritten after every row
-  curves.png                          validation top-1 per epoch, one panel per bit-width
+  curves.png                          validation top-1 per epoch, one panel per bit-width (zoomed)
   <fp_activation>/seed<S>/fp/         the shared full-precision model_dir
   <fp_activation>/seed<S>/w<B>/<row>/ one model_dir per quantized row (+ ablation_cli.log)
 
