@@ -669,7 +669,7 @@ def plot_curves(rows, path, args):
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{args.model} on {args.dataset}: validation top-1 per epoch "
+    fig.suptitle(f"{args.model} on {args.dataset}: validation top-1 per epoch\n"
                  f"(dots: stage starts; dashed: further seeds; dotted: FP's final top-1)", fontsize=10)
     fig.tight_layout()
     with runstate.atomic_path(path, ".png") as tmp:
