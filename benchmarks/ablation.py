@@ -645,11 +645,11 @@ def plot_curves(rows, path, args):
                 start = 0 if row.key == "fp" else args.fp_epochs
                 xs = [start + e for e, _, _ in curve]
                 ys = [100 * v for _, v, _ in curve]
+                first = row.seed == args.seeds[0]
                 drawn += zip(xs, ys)
-                if row.key == "fp" and row.seed == args.seeds[0]:
+                if row.key == "fp" and first:
                     fp_final.append(ys[-1])
                 colour = "black" if row.key == "fp" else colours[order[row.key] % len(colours)]
-                first = row.seed == args.seeds[0]
                 ax.plot(xs, ys, "-" if first else "--", lw=1.4 if first else 0.9, color=colour,
                         label=LABELS[row.key] if first else None)
                 starts = [k for k in range(len(curve)) if k == 0 or curve[k][2] != curve[k - 1][2]]
