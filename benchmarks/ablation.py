@@ -73,6 +73,8 @@ Usage::
   python benchmarks/ablation.py --eval_split=holdout --bits=2 --rows=guided \
       --guidance_weight=0.1 --results_dir=runs/tune-lambda0.1 --fp_results_dir=runs/ablation-holdout
   python benchmarks/ablation.py --eval_split=test --seeds=0,1 --results_dir=runs/ablation-test
+  python benchmarks/ablation.py <the options of an earlier run> --seeds=0,1 --report_only \
+      --import_table=benchmarks/results/ablation_lr005_table.json   # seed 0 ran elsewhere
   python benchmarks/ablation.py --dataset=cifar100 --data_dir=/data/cifar-100-python \\
       --model=alexnet_cifar --extra="--data_option=label_mode=fine"
 
@@ -404,6 +406,69 @@ def read_curve(model_dir):
                 for r in csv.DictReader(f) if r.get("val_accuracy") not in (None, "")]
 
 
+# Protocol keys that name a folder: they differ between machines for the same numbers.
+LOCATION_KEYS = ("data_dir", "fp_results_dir")
+
+
+def import_statuses(rows, statuses, paths, args):
+    """Rows that never ran here, filled in with their numbers from earlier ``table.json`` files.
+
+    A table written by this script (e.g. one committed under ``benchmarks/results/``)
+    keeps each finished row's top-1 / top-5 after its run directory is gone; merging it
+    lets the script compute the means, paired deltas and goals over seeds that ran on
+    different machines, instead of by hand. Only a row with nothing in its model_dir here
+    (``pending``) is filled, from the first table that has it finished with the same
+    stages; what ran here always wins.
+
+    Args:
+      rows, statuses: the plan and ``row_status`` of each row.
+      paths: table.json files of earlier runs of this script.
+      args: the options; each table's protocol must match them (folders excepted).
+
+    Returns:
+      The statuses, an imported row as ``done`` with ``imported_from`` naming its file.
+
+    Raises:
+      AblationError: a file is missing, is not such a table, or has another protocol.
+    """
+    mine = json.loads(json.dumps(protocol(args)))
+    found = {}
+    for path in paths:
+        try:
+            report = runstate.read_json(path)
+        except (OSError, ValueError) as e:
+            raise AblationError(f"--import_table {path}: cannot read it ({e})")
+        if report is None:
+            raise AblationError(f"--import_table {path}: no such file")
+        if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+            raise AblationError(f"--import_table {path}: not a table.json of benchmarks/ablation.py")
+        theirs = report.get("protocol") or {}
+        diff = [k for k in PROTOCOL_KEYS if k not in LOCATION_KEYS and theirs.get(k) != mine.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff)
+            raise AblationError(f"--import_table {path} was made with other options ({detail}); "
+                                "only tables of the same protocol can be merged")
+        for r in report["rows"]:
+            if r.get("status") == "done":
+                found.setdefault((r["fp_activation"], r["bits"], r["key"], r["seed"]), (path, r))
+    merged = []
+    for row, st in zip(rows, statuses):
+        hit = found.get((row.fp_activation, row.bits, row.key, row.seed))
+        if st["status"] != "pending" or hit is None:
+            merged.append(st)
+            continue
+        path, r = hit
+        stages = tuple((s["name"], s["w_bits"], s["a_bits"], s["guided"], s["epochs"])
+                       for s in r["stages"])
+        if stages != row.stages:
+            merged.append({**st, "note": f"{path} has it with other stages {stages}; not used"})
+            continue
+        merged.append({"status": "done", "epochs_done": r.get("epochs_done", row.epochs),
+                       "top1": r["top1"], "top5": r["top5"], "eval_top1": r.get("eval_top1"),
+                       "wall_s": r.get("wall_s", 0.0), "imported_from": path})
+    return merged
+
+
 # ------------------------------------------------------------------ table
 
 
@@ -575,7 +640,14 @@ def format_table(rows, statuses, summary, goal_lines, args):
                     cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
-    notes = [f"- {r.label}: {st['note']}" for r, st in zip(rows, statuses) if st.get("note")]
+    notes = [f"- {r.label}: {st['note']}" for r, st in zip(rows, statuses)
+             if st.get("note") and not st.get("imported_from")]
+    imported = {}
+    for r, st in zip(rows, statuses):
+        if st.get("imported_from"):
+            imported.setdefault(st["imported_from"], []).append(r.label)
+    notes += [f"- read from {path} (their run directories are not here, so no curves): "
+              + ", ".join(labels) for path, labels in imported.items()]
     if notes:
         lines += ["Notes on finished rows:", ""] + notes + [""]
     lines.append("## Goals")
@@ -616,8 +688,8 @@ def plot_curves(rows, path, args):
     """Validation top-1 per epoch: one panel per FP activation and bit-width.
 
     Every method's curve starts where the FP model's ends (its epochs counted from its
-    first quantized stage); dots mark the start of each stage; the first seed is drawn
-    solid, the others dashed. Each panel is zoomed on the quantized epochs and the FP
+    first quantized stage); dots mark the start of each stage; per row, the first seed
+    with a curve here is drawn solid, the others dashed. Each panel is zoomed on the quantized epochs and the FP
     model's last few (``zoom_limits``), with the FP model's final top-1 as a dotted line.
     """
     import matplotlib
@@ -634,18 +706,23 @@ def plot_curves(rows, path, args):
         for j, b in enumerate(bits):
             ax = axes[i][j]
             fp_len, drawn, fp_final = 0, [], []
-            for row in rows:
-                if row.fp_activation != act or row.bits not in (b, None):
-                    continue
-                curve = read_curve(row.model_dir)
-                if not curve:
-                    continue
+            curves = [(row, read_curve(row.model_dir)) for row in rows
+                      if row.fp_activation == act and row.bits in (b, None)]
+            curves = [(row, c) for row, c in curves if c]
+            # Rows imported from another machine's table have no curve: each row's solid
+            # (and labelled) curve is that of the first seed that has one here.
+            first_seed = {}
+            for seed in args.seeds:
+                for r, _ in curves:
+                    if r.seed == seed:
+                        first_seed.setdefault(r.key, seed)
+            for row, curve in curves:
                 if row.key == "fp":
                     fp_len = max(fp_len, max(e for e, _, _ in curve))
                 start = 0 if row.key == "fp" else args.fp_epochs
                 xs = [start + e for e, _, _ in curve]
                 ys = [100 * v for _, v, _ in curve]
-                first = row.seed == args.seeds[0]
+                first = row.seed == first_seed[row.key]
                 drawn += zip(xs, ys)
                 if row.key == "fp" and first:
                     fp_final.append(ys[-1])
@@ -994,6 +1071,10 @@ def parse_args(argv=None):
     a("--dry_run", action="store_true", help="print the plan, commands and estimate; run nothing")
     a("--report_only", action="store_true",
       help="rewrite table.md/json and curves.png from the finished rows; run nothing")
+    a("--import_table", action="append", default=[], metavar="TABLE_JSON",
+      help="with --report_only: fill rows that never ran here from this table.json of an "
+           "earlier run of the same protocol (e.g. another seed's, committed under "
+           "benchmarks/results/), so means and goals cover both; repeatable")
     a("--throughput_json", default=DEFAULT_THROUGHPUT, help="figures of benchmarks/throughput.py")
     a("--images_per_second", type=float, default=None,
       help="training speed for the estimate, instead of --throughput_json")
@@ -1028,6 +1109,9 @@ def _check(args):
     if len(set(args.seeds)) != len(args.seeds):
         raise AblationError(f"--seeds lists a seed twice: {args.seeds}")
     parse_budget(args.budget, args.min_stage_epochs)
+    if args.import_table and not args.report_only:
+        # Imported rows have no model here: a quantized row could not start from their FP.
+        raise AblationError("--import_table only works with --report_only")
     args.results_dir = os.path.abspath(args.results_dir)
     if args.fp_results_dir is not None:
         args.fp_results_dir = os.path.abspath(args.fp_results_dir)
@@ -1043,6 +1127,7 @@ def main(argv=None, out=print):
         check_protocol(args, write=not (args.dry_run or args.report_only))
         rows = plan_rows(args)
         statuses = [row_status(r) for r in rows]
+        statuses = import_statuses(rows, statuses, args.import_table, args)
     except (AblationError, ValueError) as e:
         print(f"ablation: error: {e}", file=sys.stderr)
         return 2

@@ -351,6 +351,76 @@ def test_table_shows_the_tuning_split_beside_the_reported_one(ab, tmp_path):
             "| -1.00 ± 2.83 | -11.00 ± 2.83 |") in md
 
 
+
+def test_import_table_merges_a_seed_that_ran_elsewhere(ab, tmp_path):
+    """Seed 0 ran on another machine (only its table.json is left); seed 1 ran here."""
+    common = ["--dataset=digits", "--bits=2", "--rows=baseline,ts", "--budget=stage:1",
+              "--holdout=50"]
+    elsewhere = ab.parse_args([*common, "--seeds=0", f"--results_dir={tmp_path / 'old'}"])
+    old_rows = ab.plan_rows(elsewhere)
+    old_top1 = {"fp": 0.70, "baseline": 0.60, "ts": 0.63}
+    ab.write_outputs(old_rows, [{"status": "done", "epochs_done": r.epochs, "top1": old_top1[r.key],
+                                 "top5": 0.9, "eval_top1": 0.5, "wall_s": 1.0} for r in old_rows],
+                     elsewhere)
+    old_table = str(tmp_path / "old" / "table.json")
+    here = [*common, "--seeds=0,1", f"--results_dir={tmp_path / 'new'}"]
+    for r in ab.plan_rows(ab.parse_args(here)):
+        if r.seed == 1:  # what ran here
+            fake_results(r.model_dir, r.method, {"fp": 0.72, "baseline": 0.61, "ts": 0.62}[r.key], 0.95)
+    printed = []
+    assert ab.main([*here, "--report_only", f"--import_table={old_table}"], out=printed.append) == 0
+    with open(tmp_path / "new" / "table.json") as f:
+        table = json.load(f)
+    ts = table["summary"]["clip"]["2"]["ts"]
+    # Paired per seed: seed 0 +3 points over its Baseline, seed 1 +1.
+    assert ts["n"] == 2 and ts["top1"] == pytest.approx(62.5)
+    assert ts["vs_baseline"] == pytest.approx(2.0) and ts["vs_baseline_sd"] == pytest.approx(2 ** 0.5)
+    assert ts["vs_fp"] == pytest.approx(((63 - 70) + (62 - 72)) / 2)
+    imported = [r for r in table["rows"] if r.get("imported_from")]
+    assert sorted((r["key"], r["seed"]) for r in imported) == [("baseline", 0), ("fp", 0), ("ts", 0)]
+    md = "\n".join(printed)
+    assert "| TS | 2 | 63.00 / 90.00 | 62.00 / 95.00 | 62.50 ± 0.71 |" in md
+    assert f"read from {old_table}" in md
+    # What ran here wins over an imported row.
+    fake_results(ab.plan_rows(ab.parse_args(here))[1].model_dir, "baseline", 0.40, 0.8)
+    assert ab.main([*here, "--report_only", f"--import_table={old_table}"], out=printed.append) == 0
+    with open(tmp_path / "new" / "table.json") as f:
+        base0 = [r for r in json.load(f)["rows"] if (r["key"], r["seed"]) == ("baseline", 0)][0]
+    assert base0["top1"] == 0.40 and "imported_from" not in base0
+
+
+def test_import_table_refuses_another_protocol_or_a_bad_file(ab, tmp_path, capsys):
+    common = ["--dataset=digits", "--bits=2", "--rows=baseline", "--budget=stage:1", "--holdout=50"]
+    old = ab.parse_args([*common, f"--results_dir={tmp_path / 'old'}"])
+    rows = ab.plan_rows(old)
+    ab.write_outputs(rows, [{"status": "done", "top1": 0.6, "top5": 0.9} for _ in rows], old)
+    table = str(tmp_path / "old" / "table.json")
+    here = [*common, "--seeds=0,1", f"--results_dir={tmp_path / 'new'}", "--report_only"]
+    assert ab.main([*here, "--lr=0.01", f"--import_table={table}"]) == 2
+    assert "other options (lr: 0.001 there, 0.01 here)" in capsys.readouterr().err
+    assert ab.main([*here, f"--import_table={tmp_path / 'nothing.json'}"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"rows": 3}')
+    assert ab.main([*here, f"--import_table={tmp_path / 'bad.json'}"]) == 2
+    assert "not a table.json of benchmarks/ablation.py" in capsys.readouterr().err
+    (tmp_path / "cut.json").write_text('{"rows": [')
+    assert ab.main([*here, f"--import_table={tmp_path / 'cut.json'}"]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # it never trains: an imported FP model is not here
+        ab.parse_args([*common, f"--results_dir={tmp_path / 'new'}", f"--import_table={table}"])
+    assert "--import_table only works with --report_only" in capsys.readouterr().err
+    # A row planned with other stages than the table's is not filled in, and says why.
+    other = ab.parse_args([*common, f"--results_dir={tmp_path / 'new2'}"])
+    planned = ab.plan_rows(other)
+    with open(table) as f:
+        report = json.load(f)
+    report["rows"][1]["stages"][0]["epochs"] = 5
+    with open(table, "w") as f:
+        json.dump(report, f)
+    got = ab.import_statuses(planned, [{"status": "pending", "epochs_done": 0}] * 2, [table], other)
+    assert got[0]["status"] == "done" and got[1]["status"] == "pending"
+    assert "other stages" in got[1]["note"]
+
 def test_curve_panels_zoom_on_the_quantized_epochs(ab):
     # FP climbs from 30% to 75% over 10 epochs; the methods move between 60% and 72%.
     fp = [(e, 30 + 4.5 * e) for e in range(1, 11)]
