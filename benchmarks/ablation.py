@@ -440,17 +440,26 @@ def import_statuses(rows, statuses, paths, args):
             raise AblationError(f"--import_table {path}: cannot read it ({e})")
         if report is None:
             raise AblationError(f"--import_table {path}: no such file")
-        if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        if not (isinstance(report, dict) and isinstance(report.get("rows"), list)
+                and isinstance(report.get("protocol"), dict)):
             raise AblationError(f"--import_table {path}: not a table.json of benchmarks/ablation.py")
-        theirs = report.get("protocol") or {}
+        theirs = report["protocol"]
         diff = [k for k in PROTOCOL_KEYS if k not in LOCATION_KEYS and theirs.get(k) != mine.get(k)]
         if diff:
             detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff)
             raise AblationError(f"--import_table {path} was made with other options ({detail}); "
                                 "only tables of the same protocol can be merged")
-        for r in report["rows"]:
-            if r.get("status") == "done":
-                found.setdefault((r["fp_activation"], r["bits"], r["key"], r["seed"]), (path, r))
+        try:
+            for r in report["rows"]:
+                if r.get("status") == "done":
+                    r["stages"] = tuple((s["name"], s["w_bits"], s["a_bits"], s["guided"], s["epochs"])
+                                        for s in r["stages"])
+                    r["top1"], r["top5"] = float(r["top1"]), float(r["top5"])
+                    found.setdefault((r["fp_activation"], r["bits"], r["key"], r["seed"]), (path, r))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise AblationError(f"--import_table {path}: a finished row lacks a field or has a "
+                                f"wrong one ({type(e).__name__}: {e}); not a table.json of "
+                                "benchmarks/ablation.py")
     merged = []
     for row, st in zip(rows, statuses):
         hit = found.get((row.fp_activation, row.bits, row.key, row.seed))
@@ -458,10 +467,8 @@ def import_statuses(rows, statuses, paths, args):
             merged.append(st)
             continue
         path, r = hit
-        stages = tuple((s["name"], s["w_bits"], s["a_bits"], s["guided"], s["epochs"])
-                       for s in r["stages"])
-        if stages != row.stages:
-            merged.append({**st, "note": f"{path} has it with other stages {stages}; not used"})
+        if r["stages"] != row.stages:
+            merged.append({**st, "note": f"{path} has it with other stages {r['stages']}; not used"})
             continue
         merged.append({"status": "done", "epochs_done": r.get("epochs_done", row.epochs),
                        "top1": r["top1"], "top5": r["top5"], "eval_top1": r.get("eval_top1"),
@@ -684,13 +691,28 @@ def zoom_limits(points, fp_epochs, fp_tail=FP_TAIL_EPOCHS, margin=0.08):
     return (x_lo, max(x for x, _ in seen) + 0.5), (min(ys) - pad, max(ys) + pad)
 
 
+def solid_seeds(rows, seeds):
+    """Per row key, the seed whose curve is drawn solid and labelled.
+
+    It is the first of ``seeds`` among ``rows`` (the rows with a curve here): a row
+    imported from another machine's table has none, and its key must still get a label.
+    """
+    first = {}
+    for seed in seeds:
+        for row in rows:
+            if row.seed == seed:
+                first.setdefault(row.key, seed)
+    return first
+
+
 def plot_curves(rows, path, args):
     """Validation top-1 per epoch: one panel per FP activation and bit-width.
 
     Every method's curve starts where the FP model's ends (its epochs counted from its
     first quantized stage); dots mark the start of each stage; per row, the first seed
-    with a curve here is drawn solid, the others dashed. Each panel is zoomed on the quantized epochs and the FP
-    model's last few (``zoom_limits``), with the FP model's final top-1 as a dotted line.
+    with a curve here is drawn solid (``solid_seeds``), the others dashed. Each panel is
+    zoomed on the quantized epochs and the FP model's last few (``zoom_limits``), with
+    the FP model's final top-1 as a dotted line.
     """
     import matplotlib
 
@@ -709,13 +731,7 @@ def plot_curves(rows, path, args):
             curves = [(row, read_curve(row.model_dir)) for row in rows
                       if row.fp_activation == act and row.bits in (b, None)]
             curves = [(row, c) for row, c in curves if c]
-            # Rows imported from another machine's table have no curve: each row's solid
-            # (and labelled) curve is that of the first seed that has one here.
-            first_seed = {}
-            for seed in args.seeds:
-                for r, _ in curves:
-                    if r.seed == seed:
-                        first_seed.setdefault(r.key, seed)
+            first_seed = solid_seeds([row for row, _ in curves], args.seeds)
             for row, curve in curves:
                 if row.key == "fp":
                     fp_len = max(fp_len, max(e for e, _, _ in curve))

@@ -400,12 +400,17 @@ def test_import_table_refuses_another_protocol_or_a_bad_file(ab, tmp_path, capsy
     assert "other options (lr: 0.001 there, 0.01 here)" in capsys.readouterr().err
     assert ab.main([*here, f"--import_table={tmp_path / 'nothing.json'}"]) == 2
     assert "no such file" in capsys.readouterr().err
-    (tmp_path / "bad.json").write_text('{"rows": 3}')
+    (tmp_path / "bad.json").write_text('{"rows": [], "protocol": 3}')
     assert ab.main([*here, f"--import_table={tmp_path / 'bad.json'}"]) == 2
     assert "not a table.json of benchmarks/ablation.py" in capsys.readouterr().err
     (tmp_path / "cut.json").write_text('{"rows": [')
     assert ab.main([*here, f"--import_table={tmp_path / 'cut.json'}"]) == 2
     assert "cannot read it" in capsys.readouterr().err
+    with open(table) as f:
+        good = json.load(f)
+    (tmp_path / "odd.json").write_text(json.dumps({**good, "rows": [{"status": "done", "key": "fp"}]}))
+    assert ab.main([*here, f"--import_table={tmp_path / 'odd.json'}"]) == 2
+    assert "a finished row lacks a field" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # it never trains: an imported FP model is not here
         ab.parse_args([*common, f"--results_dir={tmp_path / 'new'}", f"--import_table={table}"])
     assert "--import_table only works with --report_only" in capsys.readouterr().err
@@ -420,6 +425,15 @@ def test_import_table_refuses_another_protocol_or_a_bad_file(ab, tmp_path, capsy
     got = ab.import_statuses(planned, [{"status": "pending", "epochs_done": 0}] * 2, [table], other)
     assert got[0]["status"] == "done" and got[1]["status"] == "pending"
     assert "other stages" in got[1]["note"]
+
+def test_each_row_is_labelled_by_its_first_seed_with_a_curve(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts", "--seeds=0,1,2")
+    rows = ab.plan_rows(args)
+    # Seed 0 ran elsewhere (no curves); TS of seed 1 is missing too.
+    here = [r for r in rows if r.seed == 2 or (r.seed == 1 and r.key != "ts")]
+    assert ab.solid_seeds(here, args.seeds) == {"fp": 1, "baseline": 1, "ts": 2}
+    assert ab.solid_seeds(rows, args.seeds) == {"fp": 0, "baseline": 0, "ts": 0}
+
 
 def test_curve_panels_zoom_on_the_quantized_epochs(ab):
     # FP climbs from 30% to 75% over 10 epochs; the methods move between 60% and 72%.
