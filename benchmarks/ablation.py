@@ -444,7 +444,7 @@ def import_statuses(rows, statuses, paths, args):
                 and isinstance(report.get("protocol"), dict)):
             raise AblationError(f"--import_table {path}: not a table.json of benchmarks/ablation.py")
         theirs = report["protocol"]
-        diff = [k for k in PROTOCOL_KEYS if k not in LOCATION_KEYS and theirs.get(k) != mine.get(k)]
+        diff = protocol_diff(theirs, mine, ignore=LOCATION_KEYS)
         if diff:
             detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff)
             raise AblationError(f"--import_table {path} was made with other options ({detail}); "
@@ -839,6 +839,11 @@ def protocol(args):
     return {k: getattr(args, k) for k in PROTOCOL_KEYS}
 
 
+def protocol_diff(old, new, ignore=()):
+    """Keys on which two protocols differ; a key absent on one side counts as None."""
+    return [k for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
+
+
 def check_protocol(args, write):
     """Refuses a results_dir made with other options; writes protocol.json if asked."""
     path = os.path.join(args.results_dir, "protocol.json")
@@ -847,8 +852,8 @@ def check_protocol(args, write):
         if write:
             runstate.write_json(path, new)
         return
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diff:  # a key absent on one side counts as None (protocols written by older scripts)
+    diff = protocol_diff(old, new)
+    if diff:  # protocols written by older scripts may lack keys
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise AblationError(f"{args.results_dir} holds an ablation with other options ({detail}); "
                             "use another --results_dir")
