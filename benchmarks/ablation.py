@@ -431,7 +431,7 @@ def import_statuses(rows, statuses, paths, args):
     Raises:
       AblationError: a file is missing, is not such a table, or has another protocol.
     """
-    mine = json.loads(json.dumps(protocol(args)))
+    mine = protocol(args)
     found = {}
     for path in paths:
         try:
@@ -647,12 +647,12 @@ def format_table(rows, statuses, summary, goal_lines, args):
                     cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
-    notes = [f"- {r.label}: {st['note']}" for r, st in zip(rows, statuses)
-             if st.get("note") and not st.get("imported_from")]
-    imported = {}
+    notes, imported = [], {}
     for r, st in zip(rows, statuses):
         if st.get("imported_from"):
             imported.setdefault(st["imported_from"], []).append(r.label)
+        elif st.get("note"):
+            notes.append(f"- {r.label}: {st['note']}")
     notes += [f"- read from {path} (their run directories are not here, so no curves): "
               + ", ".join(labels) for path, labels in imported.items()]
     if notes:
@@ -836,7 +836,8 @@ def ensure_cifar10(tar_path=CIFAR10_TAR, dest=CIFAR10_CACHE, out=print):
 
 
 def protocol(args):
-    return {k: getattr(args, k) for k in PROTOCOL_KEYS}
+    """The options that define an ablation, as they read back from JSON (tuples as lists)."""
+    return json.loads(json.dumps({k: getattr(args, k) for k in PROTOCOL_KEYS}))
 
 
 def protocol_diff(old, new, ignore=()):
@@ -847,7 +848,7 @@ def protocol_diff(old, new, ignore=()):
 def check_protocol(args, write):
     """Refuses a results_dir made with other options; writes protocol.json if asked."""
     path = os.path.join(args.results_dir, "protocol.json")
-    old, new = runstate.read_json(path), json.loads(json.dumps(protocol(args)))
+    old, new = runstate.read_json(path), protocol(args)
     if old is None:
         if write:
             runstate.write_json(path, new)
