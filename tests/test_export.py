@@ -175,8 +175,9 @@ def _ops(path_or_bytes):
 # ----------------------------------------------------------------------------- agreement
 
 
-def _exact_channels(layers):
+def _exact_channels(report):
     """(channels exact with XNNPACK, channels) over the layers with a k-bit output."""
+    layers = {layer["name"]: layer for layer in report["int8"]["layers"]}
     names = ("conv1_act", "conv2_act", "conv3_bn", "fc1_act")
     return (sum(layers[n]["exact_channels_xnnpack"] for n in names),
             sum(layers[n]["channels"] for n in names))
@@ -200,9 +201,8 @@ def test_int8_reproduces_k_bit_network(exports, k):
     # (requant.solve). Whether one exists for every channel depends on the trained
     # weights, which depend on the CPU's kernels: trained on an AVX-512 machine, one
     # conv1 channel of 16 had none at 4 bits. Nearly every channel must be exact.
-    layers = {layer["name"]: layer for layer in exports[k]["int8"]["layers"]}
-    exact, total = _exact_channels(layers)
-    assert exact >= 0.95 * total, layers
+    exact, total = _exact_channels(exports[k])
+    assert exact >= 0.95 * total, exports[k]["int8"]["layers"]
     targets = exports[k]["targets"]
     assert targets["int8_same_level"]["limit"] == 0.9999
     assert targets["int8_top1_agreement"]["limit"] == 0.999
@@ -224,10 +224,10 @@ def test_int8_levels_equal_exact_arithmetic(trained, exports, k):
                                         int8_lib.tag(index))
     _, raws = runtime.Runner(probe, input_quant=(8, -1.0, 1.0)).predict(X_VAL)
     got = (raws[1].astype(np.int64) - params[1]).reshape(want.shape)
-    exact, total = _exact_channels({layer["name"]: layer for layer in exports[k]["int8"]["layers"]})
+    exact, total = _exact_channels(exports[k])
     if exact == total:
         np.testing.assert_array_equal(got, want)
-    else:  # a channel without an exact requantization (see above) is off by a level at times
+    else:  # a channel without an exact requantization (see above) is off at times
         assert np.mean(got != want) < 1e-3 and np.abs(got - want).max() <= 2
     keras_levels = np.round(np.asarray(keras.Model(model.inputs, model.get_layer(
         last.keras_name).output).predict(X_VAL, verbose=0)) * last.act.levels)
