@@ -89,3 +89,62 @@ def test_verify_flags_a_broken_channel():
     ok = requant.verify(c, beta, t, lo, hi, (1, 3), broken, 2.0, s_w, 2.0)
     assert ok["double"][0] and not ok["double"][1]
     assert ok["fp32"][0] and not ok["fp32"][1]
+
+
+def _exact_form_widths(c, beta, t, a_lo, a_hi, levels, span=400):
+    """Relative widths of the multiplier intervals that make a channel exact, by brute force.
+
+    For every integer bias ``B`` within ``span`` of the ideal one, the multipliers ``D``
+    with ``ceil(((L - 1/2) D - B) / t) == ceil(theta_L)`` for every level boundary ``L``
+    that a reachable ``A`` can cross, in real arithmetic (no runtime rounding).
+    """
+    L = np.arange(levels[0], levels[1] + 1, dtype=np.float64)
+    T = np.ceil((L - 0.5 - beta) / c)
+    inside = (T > a_lo) & (T <= a_hi)
+    L, T = L[inside], T[inside]
+    widths = []
+    for B in np.round(t * beta / c) + np.arange(-span, span + 1):
+        lo = np.max((t * (T - 1) + B) / (L - 0.5))
+        hi = np.min((t * T + B) / (L - 0.5))
+        if hi > lo:
+            widths.append((hi - lo) / (hi + lo))
+    return widths
+
+
+@pytest.mark.parametrize("levels,t,seed", [((1, 15), 8, 0), ((1, 15), 4, 1), ((1, 3), 42, 2)])
+def test_solve_finds_an_exact_form_whenever_one_exists(levels, t, seed):
+    """The bias search is wide enough: every channel that has a clear exact solution
+    (interval wider than 1e-4 relative) gets one, and none is claimed where none exists."""
+    rng = np.random.default_rng(seed)
+    n = 120
+    c = rng.uniform(0.002, 0.05, n) * 15 / levels[1]
+    beta = rng.normal(0.0, 2.0, n)
+    a_lo, a_hi = np.full(n, -3000), np.full(n, 3000)
+    _, _, tier = requant.solve(c, beta, np.full(n, t), a_lo, a_hi, levels, 6 / 15, 6 / levels[1])
+    widths = [_exact_form_widths(c[i], beta[i], t, -3000, 3000, levels) for i in range(n)]
+    clear = np.array([max(w, default=0.0) > 1e-4 for w in widths])
+    exists = np.array([bool(w) for w in widths])
+    assert clear.sum() > n // 2
+    assert (tier[clear] >= 1).all()
+    assert not (tier[~exists] >= 1).any()
+
+
+def test_a_channel_with_no_exact_form_gets_the_best_effort():
+    """A 4-bit channel of a first conv (fed by the 8-bit input, so ``t = 8`` only) seen in
+    a trained model: its level thresholds sit 0.007 above and 0.018 below integers at
+    the two ends of the level range, and no integer bias within 400 steps of the ideal
+    has any exact multiplier. ``solve`` says so (tier 0) and its best effort gets one
+    of the 40,036 reachable accumulators wrong."""
+    c, beta = np.array([0.009565428381308938]), np.array([-3.937602461727786])
+    t, a_lo, a_hi = np.array([8]), np.array([-20035]), np.array([20000])
+    s_in, s_out = 0.007843137718737125, 0.4000000059604645
+    assert _exact_form_widths(c[0], beta[0], 8, -20035, 20000, (1, 15)) == []
+    s_w, B, tier = requant.solve(c, beta, t, a_lo, a_hi, (1, 15), s_in, s_out)
+    assert tier[0] == 0
+    a = np.arange(-20035, 20001)
+    want = np.clip(_reference_levels(c[0], beta[0], a), 0, 15)
+    double, single = requant.runtime_multipliers(s_in, s_w, s_out)
+    for variant in requant.VARIANTS:
+        m = single[0] if variant == "fp32" else double[0]
+        got = np.clip(_tflite_levels(8 * a + B[0], np.full(a.shape, m), variant), 0, 15)
+        assert 1 <= (got != want).sum() <= 2, variant

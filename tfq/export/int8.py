@@ -27,9 +27,14 @@ every tensor scale. The construction:
   a multiplier that put every k-bit level boundary strictly between the same two
   reachable accumulators as exact arithmetic, checked against TFLite's fixed-point
   requantization (both rounding variants) and XNNPACK's float32 one. The int8
-  layer then outputs exactly the k-bit levels. This succeeds for every channel
-  up to 4 bits; at 5..7 bits ``t u`` is too small for 31..127 boundaries and some
-  channels get the best effort (fewest wrong boundaries); the report counts them.
+  layer then outputs exactly the k-bit levels. Up to 4 bits this succeeds for
+  every channel fed by a k-bit activation (``t u >= 136``). The first conv is fed
+  by the 8-bit input (``u = 1``), so its bias grid is only ``1 / t`` of a step of
+  ``A``, and a channel whose thresholds leave less room than that has no exact
+  solution (seen: 1 of 16 channels of a trained 4-bit conv, ``t = 8``; none for any
+  bias within 400 steps of the ideal). At 5..7 bits ``t u`` is too small for
+  31..127 boundaries in some channels. Such channels get the best effort (fewest
+  wrong boundaries); the report counts them.
 * **Residual Add** of a conv branch (no activation) and a k-bit activation (an
   identity shortcut): the branch is stored on the same grid (codes
   ``round(n y)``, zero point 0), and since the shortcut is on the grid,
