@@ -134,7 +134,7 @@ def test_a_channel_with_no_exact_form_gets_the_best_effort():
     a trained model: its level thresholds sit 0.007 above and 0.018 below integers at
     the two ends of the level range, and no integer bias within 400 steps of the ideal
     has any exact multiplier. ``solve`` says so (tier 0) and its best effort gets one
-    of the 40,036 reachable accumulators wrong."""
+    of the 40,036 reachable accumulators wrong in each runtime rounding."""
     c, beta = np.array([0.009565428381308938]), np.array([-3.937602461727786])
     t, a_lo, a_hi = np.array([8]), np.array([-20035]), np.array([20000])
     s_in, s_out = 0.007843137718737125, 0.4000000059604645
@@ -147,4 +147,4 @@ def test_a_channel_with_no_exact_form_gets_the_best_effort():
     for variant in requant.VARIANTS:
         m = single[0] if variant == "fp32" else double[0]
         got = np.clip(_tflite_levels(8 * a + B[0], np.full(a.shape, m), variant), 0, 15)
-        assert 1 <= (got != want).sum() <= 2, variant
+        assert (got != want).sum() == 1, variant
