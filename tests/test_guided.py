@@ -61,11 +61,15 @@ def changed(before, model):
 
 
 def test_losses_fall_and_both_nets_change():
+    # A 2-bit net from random init barely moves in 16 steps (its loss fell or rose by
+    # ~0.005 depending on the init, so this test was flaky); 50 steps lower it by
+    # 0.06-0.09 on every seed tried, the FP net's by ~2.3. Seeded so a run is repeatable.
+    keras.utils.set_random_seed(0)
     x, y = digits(64)
     g = make()
     fp0, low0 = snapshot(g.fp_net), snapshot(g.low_net)
     first = g.train_on_batch(x, y, return_dict=True)
-    for _ in range(15):
+    for _ in range(49):
         last = g.train_on_batch(x, y, return_dict=True)
     assert last["loss"] < first["loss"] and last["fp_loss"] < first["fp_loss"]
     assert all(changed(low0, g.low_net)[i] for i, v in enumerate(g.low_net.weights) if v.trainable)
