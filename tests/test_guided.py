@@ -62,7 +62,7 @@ def changed(before, model):
 
 def test_losses_fall_and_both_nets_change():
     # A 2-bit net from random init barely moves in 16 steps (over 8 inits its loss changed
-    # by -0.017..+0.006 and rose on 5, so this test was flaky); 50 steps lower it by
+    # by -0.017..+0.006 and did not fall on 5, so this test was flaky); 50 steps lower it by
     # 0.06-0.09 on every seed tried, the FP net's by ~2.3. Seeded so a run is repeatable.
     keras.utils.set_random_seed(0)
     x, y = digits(64)
