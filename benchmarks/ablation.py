@@ -5,7 +5,10 @@ PQ+TS, TS+Guided, PQ+TS+Guided and PQ+TS+Guided** (first conv and last FC at 32-
 weights), and a control the paper lacks: Baseline (long), row ``baseline_long``, the
 Baseline trained as many epochs as the longest method gets under ``--budget`` (its lr
 decay interval stretched by the same factor); it is left out where no method is longer
-than the Baseline. Every row is one ``python -m tfq.train`` subprocess with its own model_dir,
+than the Baseline. ``--rows`` also takes ``baseline@N``, the Baseline trained N epochs
+(lr decay stretched alike; not in the default rows): the equal-epochs control of a method
+of N epochs, e.g. ``baseline@10`` and ``baseline@12`` for TS and PQ at 2 bits under
+``final:8``. Every row is one ``python -m tfq.train`` subprocess with its own model_dir,
 so a kill loses at most the current epoch of one row: rerunning this script with the
 same options skips finished rows (their ``results.json`` says ``complete``), reuses
 their numbers, and reruns an unfinished row with the same command, which the CLI
@@ -56,7 +59,9 @@ per seed, then averaged), then one PASS / FAIL / PENDING line per goal of issue 
 4-bit PQ+TS+Guided within 0.5 points top-1 of FP; 2-bit PQ+TS+Guided at least 1.5
 points above the 2-bit Baseline; TS, PQ and Guided each at least the 2-bit Baseline.
 Where a compared method trained longer than the Baseline, its goal line says so and,
-once Baseline (long) has finished, gives the change against it too.
+once Baseline (long) has finished, gives the change against it too, and against a
+Baseline of the method's own epochs where one has finished (``baseline@N``, or the
+Baseline itself); the table's column "Δ at equal epochs" gives that change for every row.
 
 ``--dry_run`` prints the rows, their stages, epochs and CLI commands, the status of
 each row in ``--results_dir``, the total planned epochs and an estimate of the compute:
@@ -91,6 +96,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -117,6 +123,9 @@ LABELS = {"fp": "Full precision", "baseline": "Baseline", "ts": "TS", "pq": "PQ"
           "pq+ts+guided": "PQ+TS+Guided", "pq+ts+guided**": "PQ+TS+Guided**",
           "baseline_long": "Baseline (long)"}
 FP_ACTIVATIONS = ("relu", "clip")
+# "baseline@N": the Baseline trained N epochs, the equal-epochs control of a method of N.
+FIXED_EPOCHS_ROW = re.compile(r"baseline@([1-9][0-9]*)")
+BASELINES = ("baseline", "baseline_long")  # with every baseline@N: rows of method Baseline
 
 CIFAR10_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 CIFAR10_SHA256 = "b7b80d42e0fd1d036c0f66a3b62486cf252e06c28ccd6023dd86a7d613247019"
@@ -215,12 +224,35 @@ class Row:
     @property
     def label(self):
         where = "FP" if self.bits is None else f"W{self.bits}A{self.bits}"
-        return f"{self.fp_activation} seed{self.seed} {where} {LABELS[self.key]}"
+        return f"{self.fp_activation} seed{self.seed} {where} {label(self.key)}"
+
+
+def fixed_epochs(key):
+    """N of a ``baseline@N`` row key, else None."""
+    m = FIXED_EPOCHS_ROW.fullmatch(key)
+    return int(m.group(1)) if m else None
+
+
+def is_baseline(key):
+    """Whether the row trains the Baseline method (the Baseline and its longer controls)."""
+    return key in BASELINES or fixed_epochs(key) is not None
+
+
+def label(key):
+    """The table's name of a row key ("baseline@10" -> "Baseline (10 ep)")."""
+    n = fixed_epochs(key)
+    return LABELS[key] if n is None else f"Baseline ({n} ep)"
+
+
+def row_order(key):
+    """Sort key of a row: the paper's order, then the ``baseline@N`` rows by N."""
+    n = fixed_epochs(key)
+    return (0, ROWS.index(key)) if n is None else (1, n)
 
 
 def method_of(key):
     """The ``tfq.train --method`` of a row key ("pq+ts+guided**" -> "pq+ts+guided")."""
-    return "baseline" if key == "baseline_long" else key.rstrip("*")
+    return "baseline" if is_baseline(key) else key.rstrip("*")
 
 
 def slug(key):
@@ -268,26 +300,26 @@ def longest_epochs(args, bits, budget):
     """
     from tfq import precision
 
-    methods = {method_of(k) for k in ROWS if k not in ("fp", "baseline_long")}
+    methods = {method_of(k) for k in ROWS if k != "fp"}
     return max(sum(budget.split(len(precision.plan_stages(
         m, w_bits=bits, a_bits=bits, pq_sequence=args.pq_sequence)))) for m in methods)
 
 
 def quantized_row(args, key, bits, act, seed, budget):
-    """The row ``key`` at ``bits``, or None for a long Baseline no longer than the Baseline."""
+    """The row ``key`` at ``bits``, or None for a long Baseline as long as the Baseline."""
     from tfq import precision  # imports Keras: only once there is something to plan
 
     method = method_of(key)
     plan = precision.plan_stages(method, w_bits=bits, a_bits=bits, pq_sequence=args.pq_sequence)
     epochs = budget.split(len(plan))
     decay = args.lr_decay_epochs
-    if key == "baseline_long":
-        longest = longest_epochs(args, bits, budget)
-        if longest <= epochs[0]:
-            return None  # the Baseline is already as long as every method
+    if key != "baseline" and is_baseline(key):
+        longer = fixed_epochs(key) or longest_epochs(args, bits, budget)
+        if longer == epochs[0] or (key == "baseline_long" and longer < epochs[0]):
+            return None  # the Baseline itself is that control
         # The Baseline's lr schedule stretched to the longer run, as one would train it.
-        decay = max(1, int(decay * longest / epochs[0] + 0.5))
-        epochs = [longest]
+        decay = max(1, int(decay * longer / epochs[0] + 0.5))
+        epochs = [longer]
     stages = tuple((s.name, s.w_bits, s.a_bits, s.guided, e) for s, e in zip(plan, epochs))
     sdir = seed_dir(args, act, seed)
     model_dir = os.path.join(sdir, f"w{bits}", slug(key))
@@ -312,7 +344,7 @@ def plan_rows(args):
     all start from it.
     """
     budget = parse_budget(args.budget, args.min_stage_epochs)
-    keys = [k for k in ROWS if k in args.rows and k != "fp"]
+    keys = sorted({k for k in args.rows if k != "fp"}, key=row_order)
     rows = []
     for seed in args.seeds:
         for act in fp_activations(args):
@@ -493,6 +525,9 @@ def summarize(rows, statuses, args):
 
     Deltas are in points of top-1, paired per seed (row minus Baseline / FP of the
     same seed and FP activation), then averaged over the seeds that have both.
+    ``vs_equal_epochs`` is the change against the Baseline row (``baseline``,
+    ``baseline_long`` or a ``baseline@N``) of the row's own epochs, named in
+    ``equal_epochs_ref``; both are None where no such row is planned.
     """
     pct = {}  # (act, bits, key, seed) -> (top1, top5, eval_top1 or None) in %
     for row, st in zip(rows, statuses):
@@ -503,9 +538,10 @@ def summarize(rows, statuses, args):
     summary = {}
     for act in fp_activations(args):
         for bits in args.bits:
-            keys = [r.key for r in rows if r.fp_activation == act and r.bits in (bits, None)]
+            mine = [r for r in rows if r.fp_activation == act and r.bits in (bits, None)]
+            epochs_of = {r.key: r.epochs for r in mine}  # a key's rows share their stages
             table = {}
-            for key in dict.fromkeys(keys):
+            for key in epochs_of:
                 b = None if key == "fp" else bits
                 seeds = {s: pct[(act, b, key, s)] for s in args.seeds if (act, b, key, s) in pct}
 
@@ -518,8 +554,7 @@ def summarize(rows, statuses, args):
                 # The final model on --eval_split: the split read while tuning, shown
                 # beside the reported one so that their disagreements are visible.
                 ev, evsd = _mean_sd([v[2] for v in seeds.values() if v[2] is not None])
-                epochs = next(r.epochs for r in rows if r.fp_activation == act
-                              and r.bits == b and r.key == key)
+                epochs = epochs_of[key]
                 table[key] = {
                     "seeds": {str(s): {"top1": v[0], "top5": v[1]} for s, v in seeds.items()},
                     "n": len(seeds), "top1": t1, "top1_sd": t1sd, "top5": t5, "top5_sd": t5sd,
@@ -529,6 +564,12 @@ def summarize(rows, statuses, args):
                                       ("vs_baseline_long", ("baseline_long", bits))):
                         d, dsd = delta(*ref) if seeds else (None, None)
                         table[key][name], table[key][name + "_sd"] = d, dsd
+                if key != "fp" and not is_baseline(key):
+                    ref = next((k for k in epochs_of if is_baseline(k) and epochs_of[k] == epochs),
+                               None)
+                    d, dsd = delta(ref, bits) if ref and seeds else (None, None)
+                    table[key].update(equal_epochs_ref=ref, vs_equal_epochs=d,
+                                      vs_equal_epochs_sd=dsd)
             summary.setdefault(act, {})[str(bits)] = table
     return summary
 
@@ -537,21 +578,33 @@ def unequal_epochs(table, keys):
     """A caveat for a goal comparing rows trained longer than the Baseline, or "".
 
     With a finished long Baseline (``baseline_long``) in the table, the caveat gives each
-    row's top-1 change against it: the comparison at (nearly) equal epochs.
+    row's top-1 change against it: the comparison at (nearly) equal epochs; with a
+    finished Baseline of a longer row's own epochs (``baseline@N``), the change against
+    that one as well: the comparison at exactly equal epochs.
     """
     base = table["baseline"]["epochs"]
     longer = [k for k in keys if table[k]["epochs"] != base]
     if not longer:
         return ""
     # stage:N and final:N give multi-stage methods more epochs: part of a gain may be that
-    named = ", ".join(f"{LABELS[k]} {table[k]['epochs']}" for k in longer)
+    named = ", ".join(f"{label(k)} {table[k]['epochs']}" for k in longer)
     text = f"; not at equal epochs ({named} vs Baseline {base})"
+    parts = []
     long = table.get("baseline_long")
-    if long is None or long["top1"] is None:
-        return text + ": compare a Baseline trained as long (row baseline_long)"
-    got = ", ".join(f"{LABELS[k]} {_fmt(table[k].get('vs_baseline_long'), signed=True)}"
-                    for k in keys)
-    return text + f"; against the Baseline trained {long['epochs']} epochs: {got}"
+    if long is not None and long["top1"] is not None:
+        got = ", ".join(f"{label(k)} {_fmt(table[k].get('vs_baseline_long'), signed=True)}"
+                        for k in keys)
+        parts.append(f"against the Baseline trained {long['epochs']} epochs: {got}")
+    same = [(k, table[k]["equal_epochs_ref"]) for k in longer
+            if table[k].get("vs_equal_epochs") is not None
+            and table[k]["equal_epochs_ref"] != "baseline_long"]
+    if same:
+        parts.append("against a Baseline of the same epochs: " + ", ".join(
+            f"{label(k)} {table[k]['vs_equal_epochs']:+.2f} ({label(ref)})" for k, ref in same))
+    if not parts:
+        return text + (": compare a Baseline trained as long (row baseline_long), or as long "
+                       "as each method (rows baseline@N)")
+    return text + "".join(f"; {p}" for p in parts)
 
 
 def reported_split(args):
@@ -571,10 +624,10 @@ def goals(summary, args):
                 return out.append((act, "N/A", f"{text}: row or bit-width not planned"))
             vals = [table[k].get(field) for k in keys]
             if any(v is None for v in vals):
-                missing = [LABELS[k] for k, v in zip(keys, vals) if v is None]
+                missing = [label(k) for k, v in zip(keys, vals) if v is None]
                 return out.append((act, "PENDING", f"{text}: waiting for {', '.join(missing)}"))
             ok = all(v >= threshold for v in vals)
-            got = ", ".join(f"{LABELS[k]} {v:+.2f}" for k, v in zip(keys, vals))
+            got = ", ".join(f"{label(k)} {v:+.2f}" for k, v in zip(keys, vals))
             n = min(table[k]["n"] for k in keys)
             out.append((act, "PASS" if ok else "FAIL",
                         f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){split}"
@@ -611,7 +664,9 @@ def format_table(rows, statuses, summary, goal_lines, args):
              + (f", extra CLI flags `{args.extra}`" if args.extra else "") + ".",
              "Top-1 / top-5 in %; Δ = top-1 change in points, paired per seed; ± = standard "
              "deviation over seeds; Baseline (long): the Baseline trained as long as the longest "
-             "method (lr schedule stretched alike), the equal-epochs control.", ""]
+             "method (lr schedule stretched alike), the equal-epochs control; Baseline (N ep): "
+             "the Baseline trained N epochs, likewise; Δ at equal epochs: against the Baseline "
+             "row of the row's own epochs.", ""]
     other_split = args.eval_split != reported_split(args)
     for act, by_bits in summary.items():
         for bits, table in by_bits.items():
@@ -626,10 +681,14 @@ def format_table(rows, statuses, summary, goal_lines, args):
             if "baseline_long" in table:
                 head.append("Δ vs Baseline (long)")
                 deltas.append(("vs_baseline_long", ("fp", "baseline_long")))
+            if any(fixed_epochs(k) for k in table):
+                head.append("Δ at equal epochs")
+                deltas.append(("vs_equal_epochs", tuple(k for k in table if k == "fp"
+                                                        or is_baseline(k))))
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for key, t in table.items():
                 b = None if key == "fp" else int(bits)
-                cells = [LABELS[key]]
+                cells = [label(key)]
                 first = by.get((act, b, key, args.seeds[0]))
                 cells.append(str(first[0].epochs) if first else "—")
                 for s in args.seeds:
@@ -723,7 +782,7 @@ def plot_curves(rows, path, args):
     fig, axes = plt.subplots(len(acts), len(bits), figsize=(7 * len(bits), 4.5 * len(acts)),
                              squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#444444", "#aa3377"]
-    order = {k: i for i, k in enumerate(ROWS)}
+    order = {k: i for i, k in enumerate(ROWS)}  # baseline@N: the colours after them
     for i, act in enumerate(acts):
         for j, b in enumerate(bits):
             ax = axes[i][j]
@@ -742,9 +801,10 @@ def plot_curves(rows, path, args):
                 drawn += zip(xs, ys)
                 if row.key == "fp" and first:
                     fp_final.append(ys[-1])
-                colour = "black" if row.key == "fp" else colours[order[row.key] % len(colours)]
+                index = order.get(row.key, len(ROWS) + (fixed_epochs(row.key) or 0))
+                colour = "black" if row.key == "fp" else colours[index % len(colours)]
                 ax.plot(xs, ys, "-" if first else "--", lw=1.4 if first else 0.9, color=colour,
-                        label=LABELS[row.key] if first else None)
+                        label=label(row.key) if first else None)
                 starts = [k for k in range(len(curve)) if k == 0 or curve[k][2] != curve[k - 1][2]]
                 ax.plot([xs[k] for k in starts], [ys[k] for k in starts], "o", ms=3, color=colour)
             if fp_len:
@@ -778,7 +838,7 @@ def write_outputs(rows, statuses, args, out=print, show=False):
     report = {
         "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "protocol": protocol(args),
-        "rows": [{"key": r.key, "label": LABELS[r.key], "bits": r.bits, "seed": r.seed,
+        "rows": [{"key": r.key, "label": label(r.key), "bits": r.bits, "seed": r.seed,
                   "fp_activation": r.fp_activation, "model_dir": r.model_dir,
                   "stages": [{"name": n, "w_bits": w, "a_bits": a, "guided": g, "epochs": e}
                              for n, w, a, g, e in r.stages],
@@ -944,7 +1004,7 @@ def dry_run(rows, statuses, args, out=print):
         status = (f"partial {st['epochs_done']}/{row.epochs}" if st["status"] == "partial"
                   else st["status"])
         stages = " ".join(f"W{w}A{a}{'g' if g else ''}:{e}" for _, w, a, g, e in row.stages)
-        out(f"{i:>3}  {row.fp_activation:<4} {row.seed:>4} {row.bits or 32:>4}  {LABELS[row.key]:<16} "
+        out(f"{i:>3}  {row.fp_activation:<4} {row.seed:>4} {row.bits or 32:>4}  {label(row.key):<16} "
             f"{row.epochs:>6}  {status:<14} {f'{secs / 3600:.2f}' if estimate else '?':>6}  {stages}")
     for row, st in zip(rows, statuses):
         if st.get("note"):
@@ -1084,7 +1144,8 @@ def parse_args(argv=None):
     a("--bits", type=_int_list("bits"), default=[4, 2])
     a("--seeds", type=_int_list("seeds"), default=[0])
     a("--batch_size", type=int, default=128)
-    a("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    a("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS)
+      + "; and baseline@N (the Baseline trained N epochs, lr decay stretched alike)")
     a("--results_dir", default=os.path.join("runs", "ablation"))
     a("--fp_results_dir", default=None,
       help="take (or train) the FP models under this results_dir instead, e.g. to tune "
@@ -1113,9 +1174,10 @@ def _check(args):
     if args.train_limit == 0:
         args.train_limit = None
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ROWS and fixed_epochs(r) is None]
     if unknown or not rows:
-        raise AblationError(f"--rows: unknown {unknown or 'empty'}; accepted: {', '.join(ROWS)}")
+        raise AblationError(f"--rows: unknown {unknown or 'empty'}; accepted: {', '.join(ROWS)}, "
+                            "and baseline@N with N >= 1 (the Baseline trained N epochs)")
     args.rows = rows
     bad = [b for b in args.bits if not 1 <= b <= 8]
     if bad:

@@ -109,6 +109,9 @@ def test_total_budget_and_filters(ab, tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["--rows=fp,dorefa"], "accepted: fp, baseline"),
+    (["--rows=baseline@0"], "baseline@N with N >= 1"),
+    (["--rows=ts@10"], "unknown ['ts@10']"),
+    (["--rows=baseline@ten"], "unknown ['baseline@ten']"),
     (["--bits=4,16"], "outside 1..8"),
     (["--eval_split=holdout", "--holdout=0"], "needs --holdout > 0"),
     (["--seeds=1,1"], "twice"),
@@ -331,6 +334,56 @@ def test_goal_lines_give_the_change_against_the_long_baseline(ab, tmp_path):
                for r, s in zip(rows, done)]
     assert "compare a Baseline trained as long (row baseline_long)" in texts(pending)[1][
         "2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+
+
+def test_fixed_epochs_baseline_rows(ab, tmp_path):
+    # The equal-epochs controls of TS (2 + 8 epochs) and PQ (2 + 2 + 8) under final:8.
+    args = args_for(ab, tmp_path, "--bits=2", "--budget=final:8", "--min_stage_epochs=2",
+                    "--lr_decay_epochs=6", "--rows=baseline@12,ts,baseline,baseline@10,baseline@8")
+    rows = ab.plan_rows(args)
+    # baseline@8 is the Baseline itself: not planned twice. The paper's rows come first.
+    assert [r.key for r in rows] == ["fp", "baseline", "ts", "baseline@10", "baseline@12"]
+    decay = {r.key: next(a for a in r.argv if a.startswith("--lr_decay_epochs=")) for r in rows[1:]}
+    # lr decay stretched as the long Baseline's: 6 x 10 / 8 = 7.5 -> 8, 6 x 12 / 8 = 9.
+    assert decay == {"baseline": "--lr_decay_epochs=6", "ts": "--lr_decay_epochs=6",
+                     "baseline@10": "--lr_decay_epochs=8", "baseline@12": "--lr_decay_epochs=9"}
+    for r, n in zip(rows[3:], (10, 12)):
+        assert r.method == "baseline" and "--method=baseline" in r.argv
+        assert r.epochs == n and f"--stage_epochs={n}" in r.argv and len(r.stages) == 1
+        assert r.model_dir.endswith(os.path.join("w2", f"baseline@{n}"))
+        assert r.label.endswith(f"W2A2 Baseline ({n} ep)")
+
+
+def test_change_at_equal_epochs(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--budget=final:8", "--holdout=50", "--seeds=0,1",
+                    "--eval_split=test", "--rows=baseline,ts,pq,guided,pq+ts+guided,"
+                    "baseline_long,baseline@10,baseline@12")
+    rows = ab.plan_rows(args)
+    top1 = {"fp": 0.70, "baseline": 0.60, "ts": 0.62, "pq": 0.615, "guided": 0.605,
+            "pq+ts+guided": 0.63, "baseline_long": 0.625, "baseline@10": 0.615,
+            "baseline@12": 0.62}
+    # Seed 1 is one point higher everywhere but in TS: paired deltas differ by seed.
+    done = [{"status": "done", "top1": top1[r.key] + (0.01 if r.seed and r.key != "ts" else 0),
+             "top5": 0.9} for r in rows]
+    summary = ab.summarize(rows, done, args)
+    table = summary[args.fp_activation]["2"]
+    got = {k: (table[k]["equal_epochs_ref"], round(table[k]["vs_equal_epochs"], 6))
+           for k in ("ts", "pq", "guided", "pq+ts+guided")}
+    # TS: (62 - 61.5) and (62 - 62.5), mean 0; the others are one seed's delta twice.
+    assert got == {"ts": ("baseline@10", 0.0), "pq": ("baseline@12", -0.5),
+                   "guided": ("baseline", 0.5), "pq+ts+guided": ("baseline_long", 0.5)}
+    assert table["ts"]["vs_equal_epochs_sd"] == pytest.approx(0.5 * 2 ** 0.5)
+    assert "vs_equal_epochs" not in table["baseline@10"]
+    lines = {t.split(":")[0]: t for _, _, t in ab.goals(summary, args)}
+    third = lines["2-bit TS, PQ, Guided each >= Baseline"]
+    assert "against a Baseline of the same epochs: TS +0.00 (Baseline (10 ep)), PQ -0.50 " \
+           "(Baseline (12 ep))" in third
+    assert "against the Baseline trained 18 epochs" in third  # still given beside it
+    md = ab.format_table(rows, done, summary, ab.goals(summary, args), args)
+    assert "| Δ vs Baseline (long) | Δ at equal epochs |" in md
+    assert "| Baseline (12 ep) | 12 | 62.00 / 90.00 | 63.00 / 90.00 |" in md
+    ts_line = next(line for line in md.splitlines() if line.startswith("| TS |"))
+    assert ts_line.endswith("| +0.00 ± 0.71 |")
 
 
 def test_table_shows_the_tuning_split_beside_the_reported_one(ab, tmp_path):
