@@ -781,8 +781,12 @@ def plot_curves(rows, path, args):
     acts, bits = fp_activations(args), list(args.bits)
     fig, axes = plt.subplots(len(acts), len(bits), figsize=(7 * len(bits), 4.5 * len(acts)),
                              squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#444444", "#aa3377"]
-    order = {k: i for i, k in enumerate(ROWS)}  # baseline@N: the colours after them
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    order = {k: i for i, k in enumerate(ROWS)}
+    # baseline@N rows, by N: colours none of the paper's rows (the default cycle) has.
+    fixed = sorted({fixed_epochs(r.key) for r in rows} - {None})
+    order.update({f"baseline@{n}": len(colours) + i for i, n in enumerate(fixed)})
+    colours += ["#aa3377", "#44aa99", "#999933", "#882255", "#444444"]
     for i, act in enumerate(acts):
         for j, b in enumerate(bits):
             ax = axes[i][j]
@@ -801,8 +805,7 @@ def plot_curves(rows, path, args):
                 drawn += zip(xs, ys)
                 if row.key == "fp" and first:
                     fp_final.append(ys[-1])
-                index = order.get(row.key, len(ROWS) + (fixed_epochs(row.key) or 0))
-                colour = "black" if row.key == "fp" else colours[index % len(colours)]
+                colour = "black" if row.key == "fp" else colours[order[row.key] % len(colours)]
                 ax.plot(xs, ys, "-" if first else "--", lw=1.4 if first else 0.9, color=colour,
                         label=label(row.key) if first else None)
                 starts = [k for k in range(len(curve)) if k == 0 or curve[k][2] != curve[k - 1][2]]
