@@ -234,7 +234,7 @@ def fixed_epochs(key):
 
 
 def is_baseline(key):
-    """Whether the row trains the Baseline method (the Baseline and its longer controls)."""
+    """Whether the row trains the Baseline method (the Baseline and its epoch controls)."""
     return key in BASELINES or fixed_epochs(key) is not None
 
 
@@ -306,7 +306,11 @@ def longest_epochs(args, bits, budget):
 
 
 def quantized_row(args, key, bits, act, seed, budget):
-    """The row ``key`` at ``bits``, or None for a long Baseline as long as the Baseline."""
+    """The row ``key`` at ``bits``, or None for a Baseline control that would repeat the Baseline.
+
+    (``baseline@N`` with N the Baseline's epochs, or ``baseline_long`` where no method is
+    longer than the Baseline.)
+    """
     from tfq import precision  # imports Keras: only once there is something to plan
 
     method = method_of(key)
