@@ -379,6 +379,9 @@ def test_change_at_equal_epochs(ab, tmp_path):
     assert "against a Baseline of the same epochs: TS +0.00 (Baseline (10 ep)), PQ -0.50 " \
            "(Baseline (12 ep))" in third
     assert "against the Baseline trained 18 epochs" in third  # still given beside it
+    # PQ+TS+Guided's equal-epochs control is the long Baseline: its change is given once.
+    goal = lines["2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+    assert "trained 18 epochs: PQ+TS+Guided +0.50" in goal and "of the same epochs" not in goal
     md = ab.format_table(rows, done, summary, ab.goals(summary, args), args)
     assert "| Δ vs Baseline (long) | Δ at equal epochs |" in md
     assert "| Baseline (12 ep) | 12 | 62.00 / 90.00 | 63.00 / 90.00 |" in md
