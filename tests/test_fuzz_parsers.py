@@ -80,11 +80,7 @@ def mutated(draw, seeds):
 
 
 def check(parser, path, run, errors):
-    """Runs ``run()``; fails unless it returns or raises one of ``errors`` naming ``path``.
-
-    Returns:
-        "parsed" or "refused".
-    """
+    """Runs ``run()``; fails unless it returns or raises one of ``errors`` naming ``path``."""
     tracemalloc.start()
     try:
         try:
@@ -98,7 +94,6 @@ def check(parser, path, run, errors):
         tracemalloc.stop()
     TRIED[parser][outcome] += 1
     assert peak < MAX_PEAK, f"{parser}: {peak >> 20} MB traced for a small file"
-    return outcome
 
 
 def write(path, data):
@@ -277,10 +272,11 @@ def _packed():
 def test_fuzz_packed_weight_files(tmp_path_factory, data):
     blob = data.draw(packed_files(_packed()))
     path = write(tmp_path_factory.getbasetemp() / "model.tfqpack", blob)
-    # clear_session (a full gc pass, ~0.3 s) only where a model was built: refused
-    # files leave nothing behind, and clearing after each made this the suite's
-    # slowest test.
-    if check("packed weights", path, lambda: packed.load(path), packed.PackedFormatError) == "parsed":
+    check("packed weights", path, lambda: packed.load(path), packed.PackedFormatError)
+    # clear_session is a full gc pass (~0.3 s): after every input it made this the
+    # suite's slowest test, and the few-KB models that parsed (or were refused after
+    # building) can wait for the next 25th input.
+    if sum(TRIED["packed weights"].values()) % 25 == 0:
         keras.backend.clear_session()
 
 
