@@ -14,15 +14,44 @@ def _seed():
     keras.backend.clear_session()
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Prints how many inputs each fuzzed parser was given (issue 7 asks for the count)."""
+def _fuzz_counts():
+    """{parser: {outcome: count}} of this process's fuzzed inputs (empty if none ran)."""
     import sys
 
     fuzz = sys.modules.get("test_fuzz_parsers")
-    if fuzz is None or not fuzz.TRIED:
+    if fuzz is None:
+        return {}
+    return {parser: dict(outcomes) for parser, outcomes in fuzz.TRIED.items()}
+
+
+# Under pytest-xdist the fuzz tests run in a worker process: each worker hands its counts
+# to the controller, which prints the summary.
+_WORKER_COUNTS = []
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fuzz_tried"] = _fuzz_counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKER_COUNTS.append(getattr(node, "workeroutput", {}).get("fuzz_tried", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints how many inputs each fuzzed parser was given (issue 7 asks for the count)."""
+    import collections
+
+    tried = collections.defaultdict(collections.Counter)
+    for counts in [_fuzz_counts(), *_WORKER_COUNTS]:
+        for parser, outcomes in counts.items():
+            tried[parser].update(outcomes)
+    if not tried:
         return
     terminalreporter.section("fuzzed parsers: inputs tried")
-    for parser, outcomes in sorted(fuzz.TRIED.items()):
+    for parser, outcomes in sorted(tried.items()):
         total = sum(outcomes.values())
         terminalreporter.write_line(
             f"{parser:32s} {total:6d} inputs ({outcomes['refused']} refused with the "
