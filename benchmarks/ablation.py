@@ -55,7 +55,9 @@ Layout of ``--results_dir``::
 
 The table gives top-1 / top-5 (%) per row, bit-width and seed, the mean and standard
 deviation over seeds, and the top-1 change against the Baseline and against FP (paired
-per seed, then averaged), then one PASS / FAIL / PENDING line per goal of issue 8:
+per seed, then averaged); with more than one seed, a second table gives each change's
+95% t interval and on how many seeds it is above zero; then one PASS / FAIL / PENDING
+line per goal of issue 8 (judged on the mean, with the interval beside it):
 4-bit PQ+TS+Guided within 0.5 points top-1 of FP; 2-bit PQ+TS+Guided at least 1.5
 points above the 2-bit Baseline; TS, PQ and Guided each at least the 2-bit Baseline.
 Where a compared method trained longer than the Baseline, its goal line says so and,
@@ -524,6 +526,17 @@ def _mean_sd(values):
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def _interval(values, level=0.95):
+    """Two-sided t interval of the mean of ``values``, or None with fewer than two."""
+    if len(values) < 2:
+        return None
+    from scipy import stats  # scikit-learn's dependency; imported here, only for reports
+
+    m, sd = _mean_sd(values)
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
+    return [m - half, m + half]
+
+
 def summarize(rows, statuses, args):
     """Per FP activation, bit-width and row key: per-seed numbers, means, deltas.
 
@@ -531,7 +544,10 @@ def summarize(rows, statuses, args):
     same seed and FP activation), then averaged over the seeds that have both.
     ``vs_equal_epochs`` is the change against the Baseline row (``baseline``,
     ``baseline_long`` or a ``baseline@N``) of the row's own epochs, named in
-    ``equal_epochs_ref``; both are None where no such row is planned.
+    ``equal_epochs_ref``; both are None where no such row is planned. Beside every change
+    ``<name>``: ``<name>_n`` seeds paired, ``<name>_above`` of them above zero and
+    ``<name>_ci``, the 95% t interval of the mean (None below two seeds): with seeds as
+    noisy as short fine-tunes, whether an interval excludes zero says more than a mean.
     """
     pct = {}  # (act, bits, key, seed) -> (top1, top5, eval_top1 or None) in %
     for row, st in zip(rows, statuses):
@@ -549,9 +565,12 @@ def summarize(rows, statuses, args):
                 b = None if key == "fp" else bits
                 seeds = {s: pct[(act, b, key, s)] for s in args.seeds if (act, b, key, s) in pct}
 
-                def delta(ref_key, ref_bits):
+                def delta(name, ref_key, ref_bits):
                     ref = [pct.get((act, ref_bits, ref_key, s)) for s in seeds]
-                    return _mean_sd([seeds[s][0] - r[0] for s, r in zip(seeds, ref) if r])
+                    d = [seeds[s][0] - r[0] for s, r in zip(seeds, ref) if r]
+                    m, sd = _mean_sd(d)
+                    return {name: m, name + "_sd": sd, name + "_n": len(d),
+                            name + "_above": sum(x > 0 for x in d), name + "_ci": _interval(d)}
 
                 t1, t1sd = _mean_sd([v[0] for v in seeds.values()])
                 t5, t5sd = _mean_sd([v[1] for v in seeds.values()])
@@ -566,14 +585,13 @@ def summarize(rows, statuses, args):
                 if key != "fp":
                     for name, ref in (("vs_baseline", ("baseline", bits)), ("vs_fp", ("fp", None)),
                                       ("vs_baseline_long", ("baseline_long", bits))):
-                        d, dsd = delta(*ref) if seeds else (None, None)
-                        table[key][name], table[key][name + "_sd"] = d, dsd
+                        table[key].update(delta(name, *ref))
                 if key != "fp" and not is_baseline(key):
                     ref = next((k for k in epochs_of if is_baseline(k) and epochs_of[k] == epochs),
                                None)
-                    d, dsd = delta(ref, bits) if ref and seeds else (None, None)
-                    table[key].update(equal_epochs_ref=ref, vs_equal_epochs=d,
-                                      vs_equal_epochs_sd=dsd)
+                    table[key]["equal_epochs_ref"] = ref
+                    table[key].update(delta("vs_equal_epochs", ref, bits) if ref else
+                                      {"vs_equal_epochs": None, "vs_equal_epochs_sd": None})
             summary.setdefault(act, {})[str(bits)] = table
     return summary
 
@@ -633,8 +651,13 @@ def goals(summary, args):
             ok = all(v >= threshold for v in vals)
             got = ", ".join(f"{label(k)} {v:+.2f}" for k, v in zip(keys, vals))
             n = min(table[k]["n"] for k in keys)
+            cis = [table[k].get(field + "_ci") for k in keys]
+            # The verdict is on the mean, as the issue states it; the interval says how
+            # far the seeds' noise leaves that verdict open.
+            ci = "" if None in cis else "; 95% interval " + ", ".join(
+                f"{label(k)} {lo:+.2f} .. {hi:+.2f}" for k, (lo, hi) in zip(keys, cis))
             out.append((act, "PASS" if ok else "FAIL",
-                        f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){split}"
+                        f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){ci}{split}"
                         + (unequal_epochs(table, keys) if field == "vs_baseline" else "")))
 
         check(4, ["pq+ts+guided"], "vs_fp", -0.5, "4-bit PQ+TS+Guided within 0.5 top-1 of FP")
@@ -648,6 +671,31 @@ def _fmt(v, sd=None, signed=False):
         return "—"
     text = f"{v:+.2f}" if signed else f"{v:.2f}"
     return text + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def _paired_cell(t, field):
+    """"+1.47 (+0.91 .. +2.03; 9 of 9 above)": a change, its 95% interval, its sign count."""
+    m, n = t.get(field), t.get(field + "_n", 0)
+    if m is None or not n:
+        return "—"
+    ci = t.get(field + "_ci")
+    spread = f"{ci[0]:+.2f} .. {ci[1]:+.2f}; " if ci else ""
+    return f"{m:+.2f} ({spread}{t[field + '_above']} of {n} above)"
+
+
+def _paired_table(table, deltas):
+    """The changes of one bit-width over seeds, with 95% t intervals (Markdown lines)."""
+    head = ["row", "epochs", "seeds", "mean top-1"] + [
+        {"vs_baseline": "Δ vs Baseline", "vs_fp": "Δ vs FP",
+         "vs_baseline_long": "Δ vs Baseline (long)",
+         "vs_equal_epochs": "Δ at equal epochs"}[field] for field, _ in deltas]
+    lines = ["Paired changes over seeds (mean, 95% t interval of the mean, seeds above zero):",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, t in table.items():
+        cells = [label(key), str(t["epochs"]), str(t["n"]), _fmt(t["top1"], t["top1_sd"])]
+        cells += ["" if key in skip else _paired_cell(t, field) for field, skip in deltas]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def format_table(rows, statuses, summary, goal_lines, args):
@@ -710,6 +758,8 @@ def format_table(rows, statuses, summary, goal_lines, args):
                     cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+            if len(args.seeds) > 1:
+                lines += _paired_table(table, deltas)
     notes, imported = [], {}
     for r, st in zip(rows, statuses):
         if st.get("imported_from"):

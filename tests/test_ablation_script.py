@@ -389,6 +389,71 @@ def test_change_at_equal_epochs(ab, tmp_path):
     assert ts_line.endswith("| +0.00 ± 0.71 |")
 
 
+# Two-sided 95% Student t quantiles from a printed table (not from scipy, which the
+# script uses): degrees of freedom 1, 2, 3.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182}
+
+
+def test_paired_changes_get_a_t_interval_and_a_sign_count(ab, tmp_path):
+    import numpy as np
+
+    args = args_for(ab, tmp_path, "--bits=2", "--budget=final:8", "--holdout=50",
+                    "--seeds=0,1,2,3", "--eval_split=test",
+                    "--rows=baseline,ts,pq+ts+guided,baseline@10")
+    rows = ab.plan_rows(args)
+    base = [0.600, 0.612, 0.595, 0.604]
+    gain = {"fp": [0.10, 0.09, 0.11, 0.10], "baseline": [0, 0, 0, 0],
+            "ts": [0.004, -0.003, 0.009, 0.001], "baseline@10": [0.006, 0.001, 0.004, 0.007],
+            "pq+ts+guided": [0.021, 0.012, 0.018, 0.009]}
+    # Seed 3 of TS has not finished: its changes are over three seeds.
+    statuses = [{"status": "pending", "epochs_done": 0} if (r.key, r.seed) == ("ts", 3) else
+                {"status": "done", "top1": base[r.seed] + gain[r.key][r.seed], "top5": 0.9}
+                for r in rows]
+    summary = ab.summarize(rows, statuses, args)
+    table = summary[args.fp_activation]["2"]
+
+    def reference(a, b, seeds):
+        d = 100 * (np.array(gain[a])[seeds] - np.array(gain[b])[seeds])
+        half = T975[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
+        return d.mean(), d.mean() - half, d.mean() + half, int((d > 0).sum()), len(d)
+
+    for key, field, ref, seeds in [
+            ("pq+ts+guided", "vs_baseline", "baseline", [0, 1, 2, 3]),
+            ("ts", "vs_baseline", "baseline", [0, 1, 2]),
+            ("ts", "vs_equal_epochs", "baseline@10", [0, 1, 2]),
+            ("baseline@10", "vs_fp", "fp", [0, 1, 2, 3])]:
+        m, lo, hi, above, n = reference(key, ref, seeds)
+        t = table[key]
+        assert t[field] == pytest.approx(m)
+        assert t[field + "_ci"] == pytest.approx([lo, hi], abs=2e-3)  # t printed to 3 decimals
+        assert (t[field + "_above"], t[field + "_n"]) == (above, n)
+    # TS: +0.4, -0.3, +0.9 over the Baseline -> 2 of 3 above; below Baseline (10 ep) on 2.
+    assert (table["ts"]["vs_baseline_above"], table["ts"]["vs_equal_epochs_above"]) == (2, 1)
+
+    lines = {t.split(":")[0]: t for _, _, t in ab.goals(summary, args)}
+    m, lo, hi, _, _ = reference("pq+ts+guided", "baseline", [0, 1, 2, 3])
+    assert f"mean of 4 seed(s)); 95% interval PQ+TS+Guided {lo:+.2f} .. {hi:+.2f}" in lines[
+        "2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+    md = ab.format_table(rows, statuses, summary, ab.goals(summary, args), args)
+    assert "Paired changes over seeds (mean, 95% t interval of the mean, seeds above zero):" in md
+    paired = md[md.index("Paired changes over seeds"):]
+    row = next(line for line in paired.splitlines() if line.startswith("| PQ+TS+Guided |"))
+    assert row.startswith("| PQ+TS+Guided | 18 | 4 | ") and \
+        f"| {m:+.2f} ({lo:+.2f} .. {hi:+.2f}; 4 of 4 above) |" in row
+    ts = next(line for line in paired.splitlines() if line.startswith("| TS |"))
+    assert ts.endswith("; 1 of 3 above) |")  # the last column: Δ at equal epochs
+
+    # One seed: no interval, no second table, the goal line as before.
+    one = args_for(ab, tmp_path, "--bits=2", "--budget=final:8", "--holdout=50", "--seeds=0",
+                   "--eval_split=test", "--rows=baseline,pq+ts+guided")
+    rows1 = ab.plan_rows(one)
+    done1 = [{"status": "done", "top1": base[0] + gain[r.key][0], "top5": 0.9} for r in rows1]
+    s1 = ab.summarize(rows1, done1, one)
+    assert s1[one.fp_activation]["2"]["pq+ts+guided"]["vs_baseline_ci"] is None
+    assert "Paired changes" not in ab.format_table(rows1, done1, s1, ab.goals(s1, one), one)
+    assert not any("95% interval" in t for _, _, t in ab.goals(s1, one))
+
+
 def test_table_shows_the_tuning_split_beside_the_reported_one(ab, tmp_path):
     args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts", "--budget=stage:1",
                     "--seeds=0,1", "--holdout=50")  # curves on holdout, table on test
