@@ -685,14 +685,15 @@ def _paired_cell(t, field):
 
 def _paired_table(table, deltas):
     """The changes of one bit-width over seeds, with 95% t intervals (Markdown lines)."""
-    head = ["row", "epochs", "seeds", "mean top-1"] + [
+    head = ["row", "epochs", "seeds", "mean top-1", "mean top-5"] + [
         {"vs_baseline": "Δ vs Baseline", "vs_fp": "Δ vs FP",
          "vs_baseline_long": "Δ vs Baseline (long)",
          "vs_equal_epochs": "Δ at equal epochs"}[field] for field, _ in deltas]
     lines = ["Paired changes over seeds (mean, 95% t interval of the mean, seeds above zero):",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, t in table.items():
-        cells = [label(key), str(t["epochs"]), str(t["n"]), _fmt(t["top1"], t["top1_sd"])]
+        cells = [label(key), str(t["epochs"]), str(t["n"]), _fmt(t["top1"], t["top1_sd"]),
+                 _fmt(t["top5"], t["top5_sd"])]
         cells += ["" if key in skip else _paired_cell(t, field) for field, skip in deltas]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

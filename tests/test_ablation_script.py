@@ -438,7 +438,7 @@ def test_paired_changes_get_a_t_interval_and_a_sign_count(ab, tmp_path):
     assert "Paired changes over seeds (mean, 95% t interval of the mean, seeds above zero):" in md
     paired = md[md.index("Paired changes over seeds"):]
     row = next(line for line in paired.splitlines() if line.startswith("| PQ+TS+Guided |"))
-    assert row.startswith("| PQ+TS+Guided | 18 | 4 | ") and \
+    assert row.startswith("| PQ+TS+Guided | 18 | 4 | ") and "| 90.00 ± 0.00 |" in row and \
         f"| {m:+.2f} ({lo:+.2f} .. {hi:+.2f}; 4 of 4 above) |" in row
     ts = next(line for line in paired.splitlines() if line.startswith("| TS |"))
     assert ts.endswith("; 1 of 3 above) |")  # the last column: Δ at equal epochs
