@@ -530,7 +530,7 @@ def _interval(values, level=0.95):
     """Two-sided t interval of the mean of ``values``, or None with fewer than two."""
     if len(values) < 2:
         return None
-    from scipy import stats  # scikit-learn's dependency; imported here, only for reports
+    from scipy import stats  # only the report needs it; planning and running rows do not
 
     m, sd = _mean_sd(values)
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
@@ -674,7 +674,7 @@ def _fmt(v, sd=None, signed=False):
 
 
 def _paired_cell(t, field):
-    """"+1.47 (+0.91 .. +2.03; 9 of 9 above)": a change, its 95% interval, its sign count."""
+    """A change as "+1.47 (+0.91 .. +2.03; 9 of 9 above)": mean, 95% interval, sign count."""
     m, n = t.get(field), t.get(field + "_n", 0)
     if m is None or not n:
         return "—"
