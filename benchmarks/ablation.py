@@ -686,15 +686,13 @@ def _paired_cell(t, field):
 def _paired_table(table, deltas):
     """The changes of one bit-width over seeds, with 95% t intervals (Markdown lines)."""
     head = ["row", "epochs", "seeds", "mean top-1", "mean top-5"] + [
-        {"vs_baseline": "Δ vs Baseline", "vs_fp": "Δ vs FP",
-         "vs_baseline_long": "Δ vs Baseline (long)",
-         "vs_equal_epochs": "Δ at equal epochs"}[field] for field, _ in deltas]
+        title for title, _, _ in deltas]
     lines = ["Paired changes over seeds (mean, 95% t interval of the mean, seeds above zero):",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, t in table.items():
         cells = [label(key), str(t["epochs"]), str(t["n"]), _fmt(t["top1"], t["top1_sd"]),
                  _fmt(t["top5"], t["top5_sd"])]
-        cells += ["" if key in skip else _paired_cell(t, field) for field, skip in deltas]
+        cells += ["" if key in skip else _paired_cell(t, field) for _, field, skip in deltas]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -729,15 +727,15 @@ def format_table(rows, statuses, summary, goal_lines, args):
             head += ["mean top-1", "mean top-5"]
             if other_split:
                 head.append(f"mean {args.eval_split} top-1")
-            head += ["Δ vs Baseline", "Δ vs FP"]
-            deltas = [("vs_baseline", ("fp", "baseline")), ("vs_fp", ("fp",))]
+            # (column title, summary field, rows that leave the column empty)
+            deltas = [("Δ vs Baseline", "vs_baseline", ("fp", "baseline")),
+                      ("Δ vs FP", "vs_fp", ("fp",))]
             if "baseline_long" in table:
-                head.append("Δ vs Baseline (long)")
-                deltas.append(("vs_baseline_long", ("fp", "baseline_long")))
+                deltas.append(("Δ vs Baseline (long)", "vs_baseline_long", ("fp", "baseline_long")))
             if any(fixed_epochs(k) for k in table):
-                head.append("Δ at equal epochs")
-                deltas.append(("vs_equal_epochs", tuple(k for k in table if k == "fp"
-                                                        or is_baseline(k))))
+                deltas.append(("Δ at equal epochs", "vs_equal_epochs",
+                               tuple(k for k in table if k == "fp" or is_baseline(k))))
+            head += [title for title, _, _ in deltas]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for key, t in table.items():
                 b = None if key == "fp" else int(bits)
@@ -755,7 +753,7 @@ def format_table(rows, statuses, summary, goal_lines, args):
                 cells += [_fmt(t["top1"], t["top1_sd"]), _fmt(t["top5"], t["top5_sd"])]
                 if other_split:
                     cells.append(_fmt(t["eval_top1"], t["eval_top1_sd"]))
-                for field, skip in deltas:
+                for _, field, skip in deltas:
                     cells.append("" if key in skip else _fmt(t.get(field), t.get(field + "_sd"), True))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
