@@ -49,7 +49,10 @@ Layout of ``--results_dir``::
 
   protocol.json                       the options every row depends on (a rerun must match)
   table.json, table.md                the table, rewritten after every row
-  curves.png                          validation top-1 per epoch, one panel per bit-width (zoomed)
+  curves.png                          validation top-1 per epoch, one panel per bit-width (zoomed;
+                                      with several seeds, each row's mean over them)
+  changes.png                         each row's paired top-1 change against the Baseline
+                                      (per seed, mean, 95% interval), one panel per bit-width
   <fp_activation>/seed<S>/fp/         the shared full-precision model_dir
   <fp_activation>/seed<S>/w<B>/<row>/ one model_dir per quantized row (+ ablation_cli.log)
 
@@ -634,6 +637,11 @@ def reported_split(args):
     return args.test_split or args.eval_split
 
 
+# Issue 8's goals, in points of top-1.
+GOAL_4BIT_GAP = 0.5  # 4-bit PQ+TS+Guided at most this far below FP
+GOAL_2BIT_GAIN = 1.5  # 2-bit PQ+TS+Guided at least this far above the Baseline
+
+
 def goals(summary, args):
     """The issue's goals per FP activation: (activation, status, text) tuples."""
     out = []
@@ -660,8 +668,10 @@ def goals(summary, args):
                         f"{text}: {got} (needs >= {threshold:+.2f}; mean of {n} seed(s)){ci}{split}"
                         + (unequal_epochs(table, keys) if field == "vs_baseline" else "")))
 
-        check(4, ["pq+ts+guided"], "vs_fp", -0.5, "4-bit PQ+TS+Guided within 0.5 top-1 of FP")
-        check(2, ["pq+ts+guided"], "vs_baseline", 1.5, "2-bit PQ+TS+Guided >= 1.5 above Baseline")
+        check(4, ["pq+ts+guided"], "vs_fp", -GOAL_4BIT_GAP,
+              f"4-bit PQ+TS+Guided within {GOAL_4BIT_GAP:g} top-1 of FP")
+        check(2, ["pq+ts+guided"], "vs_baseline", GOAL_2BIT_GAIN,
+              f"2-bit PQ+TS+Guided >= {GOAL_2BIT_GAIN:g} above Baseline")
         check(2, ["ts", "pq", "guided"], "vs_baseline", 0.0, "2-bit TS, PQ, Guided each >= Baseline")
     return out
 
@@ -803,28 +813,36 @@ def zoom_limits(points, fp_epochs, fp_tail=FP_TAIL_EPOCHS, margin=0.08):
     return (x_lo, max(x for x, _ in seen) + 0.5), (min(ys) - pad, max(ys) + pad)
 
 
-def solid_seeds(rows, seeds):
-    """Per row key, the seed whose curve is drawn solid and labelled.
+def mean_curve(curves):
+    """The mean of a row's seeds, epoch by epoch, over the seeds that finished.
 
-    It is the first of ``seeds`` among ``rows`` (the rows with a curve here): a row
-    imported from another machine's table has none, and its key must still get a label.
+    Rows of one key share their stages, so every finished seed has the same epochs; a
+    seed still running has fewer and is left out (it would make the mean jump where it
+    stops).
+
+    Args:
+      curves: one ``read_curve`` list of (epoch, top-1, stage) per seed.
+
+    Returns:
+      (the mean curve as (epoch, top-1, stage) tuples, the number of seeds averaged).
     """
-    first = {}
-    for seed in seeds:
-        for row in rows:
-            if row.seed == seed:
-                first.setdefault(row.key, seed)
-    return first
+    full = max(len(c) for c in curves)
+    done = [c for c in curves if len(c) == full]
+    mean = [(done[0][k][0], sum(c[k][1] for c in done) / len(done), done[0][k][2])
+            for k in range(full)]
+    return mean, len(done)
 
 
 def plot_curves(rows, path, args):
     """Validation top-1 per epoch: one panel per FP activation and bit-width.
 
     Every method's curve starts where the FP model's ends (its epochs counted from its
-    first quantized stage); dots mark the start of each stage; per row, the first seed
-    with a curve here is drawn solid (``solid_seeds``), the others dashed. Each panel is
-    zoomed on the quantized epochs and the FP model's last few (``zoom_limits``), with
-    the FP model's final top-1 as a dotted line.
+    first quantized stage); dots mark the start of each stage. A row with one seed is
+    drawn as it is; with several, each seed is a thin faint line and the row's mean
+    (``mean_curve``) a thick one: a dozen rows of nine seeds each are unreadable
+    otherwise. Each panel is zoomed on the quantized epochs and the FP model's last few
+    (``zoom_limits``, on the thick lines), with the FP model's final top-1 as a dotted
+    line.
     """
     import matplotlib
 
@@ -832,7 +850,7 @@ def plot_curves(rows, path, args):
     import matplotlib.pyplot as plt
 
     acts, bits = fp_activations(args), list(args.bits)
-    fig, axes = plt.subplots(len(acts), len(bits), figsize=(7 * len(bits), 4.5 * len(acts)),
+    fig, axes = plt.subplots(len(acts), len(bits), figsize=(9 * len(bits), 4.5 * len(acts)),
                              squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     order = {k: i for i, k in enumerate(ROWS)}
@@ -840,33 +858,38 @@ def plot_curves(rows, path, args):
     fixed = sorted({fixed_epochs(r.key) for r in rows} - {None})
     order.update({f"baseline@{n}": len(colours) + i for i, n in enumerate(fixed)})
     colours += ["#aa3377", "#44aa99", "#999933", "#882255", "#444444"]
+    several = False
     for i, act in enumerate(acts):
         for j, b in enumerate(bits):
             ax = axes[i][j]
-            fp_len, drawn, fp_final = 0, [], []
-            curves = [(row, read_curve(row.model_dir)) for row in rows
-                      if row.fp_activation == act and row.bits in (b, None)]
-            curves = [(row, c) for row, c in curves if c]
-            first_seed = solid_seeds([row for row, _ in curves], args.seeds)
-            for row, curve in curves:
-                if row.key == "fp":
-                    fp_len = max(fp_len, max(e for e, _, _ in curve))
-                start = 0 if row.key == "fp" else args.fp_epochs
+            by_key = {}
+            for row in rows:
+                if row.fp_activation == act and row.bits in (b, None):
+                    curve = read_curve(row.model_dir)
+                    if curve:
+                        by_key.setdefault(row.key, []).append(curve)
+            drawn = []
+            for key, curves in by_key.items():
+                start = 0 if key == "fp" else args.fp_epochs
+                colour = "black" if key == "fp" else colours[order[key] % len(colours)]
+                if len(curves) > 1:
+                    several = True
+                    for c in curves:
+                        ax.plot([start + e for e, _, _ in c], [100 * v for _, v, _ in c], "-",
+                                lw=0.6, alpha=0.3, color=colour)
+                    curve, n = mean_curve(curves)
+                    name = f"{label(key)} (mean of {n})"
+                else:
+                    curve, name = curves[0], label(key)
                 xs = [start + e for e, _, _ in curve]
                 ys = [100 * v for _, v, _ in curve]
-                first = row.seed == first_seed[row.key]
                 drawn += zip(xs, ys)
-                if row.key == "fp" and first:
-                    fp_final.append(ys[-1])
-                colour = "black" if row.key == "fp" else colours[order[row.key] % len(colours)]
-                ax.plot(xs, ys, "-" if first else "--", lw=1.4 if first else 0.9, color=colour,
-                        label=label(row.key) if first else None)
+                ax.plot(xs, ys, "-", lw=1.6, color=colour, label=name)
                 starts = [k for k in range(len(curve)) if k == 0 or curve[k][2] != curve[k - 1][2]]
                 ax.plot([xs[k] for k in starts], [ys[k] for k in starts], "o", ms=3, color=colour)
-            if fp_len:
-                ax.axvline(args.fp_epochs + 0.5, color="grey", lw=0.6, ls=":")
-            for y in fp_final:
-                ax.axhline(y, color="black", lw=0.6, ls=":")
+                if key == "fp":
+                    ax.axvline(args.fp_epochs + 0.5, color="grey", lw=0.6, ls=":")
+                    ax.axhline(ys[-1], color="black", lw=0.6, ls=":")
             limits = zoom_limits(drawn, args.fp_epochs)
             if limits:
                 ax.set_xlim(*limits[0])
@@ -876,18 +899,111 @@ def plot_curves(rows, path, args):
                           "then each method's quantized stages)")
             ax.set_ylabel(f"{args.eval_split} top-1 (%)")
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{args.model} on {args.dataset}: validation top-1 per epoch\n"
-                 f"(dots: stage starts; dashed: further seeds; dotted: FP's final top-1)", fontsize=10)
+            if ax.get_legend_handles_labels()[0]:  # outside: inside it hid the curves
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{args.model} on {args.dataset}: validation top-1 per epoch\n(dots: stage "
+                 "starts; dotted: FP's final top-1" + ("; faint: single seeds" if several else "")
+                 + ")", fontsize=10)
     fig.tight_layout()
     with runstate.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
+def paired_changes(table, key, ref):
+    """Per seed that both rows have, ``key``'s top-1 minus ``ref``'s, in points.
+
+    Args:
+      table: one bit-width of ``summarize``'s output.
+      key, ref: row keys in it.
+
+    Returns:
+      {seed: change}, seeds as the table's strings.
+    """
+    mine, theirs = table[key]["seeds"], table.get(ref, {}).get("seeds", {})
+    return {s: v["top1"] - theirs[s]["top1"] for s, v in mine.items() if s in theirs}
+
+
+def plot_changes(summary, path, args):
+    """The paired changes of every row against the Baseline, one panel per bit-width.
+
+    One line per row: each seed's change as a dot, the mean with its 95% t interval as
+    a bar (what the paired table gives in numbers); a second, square marker for the
+    change at equal epochs, against the Baseline row of the row's own epochs, where that
+    is not the Baseline itself. Vertical lines: the Baseline (0), FP (mean paired gap)
+    and, at 2 bits, the issue's +1.5 goal for PQ+TS+Guided.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(act, bits, table) for act, by_bits in summary.items()
+              for bits, table in by_bits.items()
+              if any(k not in ("fp", "baseline") and table[k]["n"] for k in table)]
+    if not panels:
+        return
+    height = max(len(table) for _, _, table in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 1.2 + 0.45 * height),
+                             squeeze=False)
+    for ax, (act, bits, table) in zip(axes[0], panels):
+        keys = [k for k in table if k not in ("fp", "baseline") and table[k]["n"]][::-1]
+        for y, key in enumerate(keys):
+            t = table[key]
+            marks = [(y, "baseline", "vs_baseline", "o", "C0")]
+            ref = t.get("equal_epochs_ref")
+            if ref not in (None, "baseline") and t.get("vs_equal_epochs") is not None:
+                marks = [(y + 0.15, "baseline", "vs_baseline", "o", "C0"),
+                         (y - 0.15, ref, "vs_equal_epochs", "s", "C1")]
+            for at, ref_key, field, marker, colour in marks:
+                seeds = paired_changes(table, key, ref_key)
+                if not seeds:
+                    continue
+                ax.plot(list(seeds.values()), [at] * len(seeds), ".", ms=4, alpha=0.45,
+                        color=colour)
+                ci = t.get(field + "_ci")
+                err = None if ci is None else [[t[field] - ci[0]], [ci[1] - t[field]]]
+                ax.errorbar([t[field]], [at], xerr=err, fmt=marker, ms=5, capsize=3,
+                            color=colour)
+        ax.axvline(0, color="grey", lw=0.8)
+        title = f"W{bits}A{bits}, FP activation {act}"
+        fp = table["baseline"].get("vs_fp")
+        if fp is not None:
+            lo, hi = ax.get_xlim()
+            if lo <= -fp <= hi:
+                ax.axvline(-fp, color="black", lw=0.8, ls=":")
+                ax.annotate("FP", (-fp, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                            textcoords="offset points", fontsize=7)
+            else:  # a line far off to the right would squeeze every row into a corner
+                title += f"\n(FP: {-fp:+.2f} over the Baseline, off the axis)"
+        if int(bits) == 2 and "pq+ts+guided" in keys:
+            ax.axvline(GOAL_2BIT_GAIN, color="C3", lw=0.8, ls="--")
+            ax.annotate(f"goal for PQ+TS+Guided (+{GOAL_2BIT_GAIN:g})", (GOAL_2BIT_GAIN, 0),
+                        xycoords=("data", "axes fraction"), xytext=(-2, 3), ha="right",
+                        textcoords="offset points", fontsize=7, color="C3")
+        ax.set_yticks(range(len(keys)))
+        ax.set_yticklabels([f"{label(k)} ({table[k]['epochs']} ep, {table[k]['n']} seeds)"
+                            for k in keys], fontsize=8)
+        ax.set_ylim(-0.6, len(keys) - 0.4)
+        ax.set_xlabel(f"{reported_split(args)} top-1 change, points (paired per seed)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [
+        plt.Line2D([], [], color="C0", marker="o", ls="", label="vs Baseline: mean, 95% interval"),
+        plt.Line2D([], [], color="C1", marker="s", ls="",
+                   label="vs the Baseline of the row's own epochs"),
+        plt.Line2D([], [], color="grey", marker=".", ls="", alpha=0.6, label="one seed")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"{args.model} on {args.dataset}: each row's change in top-1 against the "
+                 "Baseline", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    with runstate.atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_outputs(rows, statuses, args, out=print, show=False):
-    """Rewrites table.json, table.md and curves.png; returns the Markdown."""
+    """Rewrites table.json, table.md, curves.png and changes.png; returns the Markdown."""
     summary = summarize(rows, statuses, args)
     goal_lines = goals(summary, args)
     md = format_table(rows, statuses, summary, goal_lines, args)
@@ -906,6 +1022,7 @@ def write_outputs(rows, statuses, args, out=print, show=False):
     runstate.write_json(os.path.join(args.results_dir, "table.json"), report)
     runstate.write_text(os.path.join(args.results_dir, "table.md"), md)
     plot_curves(rows, os.path.join(args.results_dir, "curves.png"), args)
+    plot_changes(summary, os.path.join(args.results_dir, "changes.png"), args)
     if show:
         out(md)
     return md
@@ -1146,7 +1263,7 @@ def run(rows, args, out=print):
         write_outputs(rows, statuses, args)
     write_outputs(rows, statuses, args, out=out, show=True)
     out(f"table: {os.path.join(args.results_dir, 'table.md')} (and table.json); "
-        f"curves: {os.path.join(args.results_dir, 'curves.png')}")
+        f"plots: {os.path.join(args.results_dir, 'curves.png')}, changes.png")
     return 1 if any(s["status"] in ("failed", "blocked") for s in statuses) else 0
 
 
@@ -1209,7 +1326,7 @@ def parse_args(argv=None):
     a("--extra", default="", help="extra flags for every tfq.train call, e.g. --extra=--deterministic")
     a("--dry_run", action="store_true", help="print the plan, commands and estimate; run nothing")
     a("--report_only", action="store_true",
-      help="rewrite table.md/json and curves.png from the finished rows; run nothing")
+      help="rewrite table.md/json, curves.png and changes.png from the finished rows; run nothing")
     a("--import_table", action="append", default=[], metavar="TABLE_JSON",
       help="with --report_only: fill rows that never ran here from this table.json of an "
            "earlier run of the same protocol (e.g. another seed's, committed under "

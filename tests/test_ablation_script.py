@@ -547,13 +547,50 @@ def test_import_table_refuses_another_protocol_or_a_bad_file(ab, tmp_path, capsy
     assert got[0]["status"] == "done" and got[1]["status"] == "pending"
     assert "other stages" in got[1]["note"]
 
-def test_each_row_is_labelled_by_its_first_seed_with_a_curve(ab, tmp_path):
-    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts", "--seeds=0,1,2")
+def test_mean_curve_averages_the_finished_seeds(ab):
+    import numpy as np
+
+    stages = ["s1", "s1", "s2", "s2"]
+    tops = np.array([[0.60, 0.64, 0.55, 0.66], [0.58, 0.65, 0.57, 0.69], [0.62, 0.60, 0.59, 0.63]])
+    curves = [[(31 + k, float(v), stages[k]) for k, v in enumerate(seed)] for seed in tops]
+    running = [(31, 0.10, "s1"), (32, 0.20, "s1")]  # a seed still in its first stage
+    mean, n = ab.mean_curve(curves + [running])
+    assert n == 3
+    assert [e for e, _, _ in mean] == [31, 32, 33, 34] and [s for _, _, s in mean] == stages
+    assert [v for _, v, _ in mean] == pytest.approx(tops.mean(axis=0))
+    assert ab.mean_curve([running]) == (running, 1)
+
+
+def test_changes_plot_pairs_each_seed_with_the_baseline(ab, tmp_path):
+    import numpy as np
+
+    args = args_for(ab, tmp_path, "--bits=2,4", "--budget=final:8", "--holdout=50",
+                    "--seeds=0,1,2", "--eval_split=test", "--rows=baseline,ts,baseline@10")
     rows = ab.plan_rows(args)
-    # Seed 0 ran elsewhere (no curves); TS of seed 1 is missing too.
-    here = [r for r in rows if r.seed == 2 or (r.seed == 1 and r.key != "ts")]
-    assert ab.solid_seeds(here, args.seeds) == {"fp": 1, "baseline": 1, "ts": 2}
-    assert ab.solid_seeds(rows, args.seeds) == {"fp": 0, "baseline": 0, "ts": 0}
+    base = np.array([0.600, 0.612, 0.595])
+    gain = {"fp": [0.10, 0.09, 0.11], "baseline": [0, 0, 0], "ts": [0.004, -0.003, 0.009],
+            "baseline@10": [0.006, 0.001, 0.004]}
+    # Seed 1 of the 2-bit Baseline has not finished: TS pairs with it on seeds 0 and 2.
+    statuses = [{"status": "pending", "epochs_done": 0} if (r.key, r.seed, r.bits) == (
+        "baseline", 1, 2) else {"status": "done", "top1": base[r.seed] + gain[r.key][r.seed],
+                                "top5": 0.9} for r in rows]
+    summary = ab.summarize(rows, statuses, args)
+    w2, w4 = summary[args.fp_activation]["2"], summary[args.fp_activation]["4"]
+    want = 100 * (np.array(gain["ts"]) - np.array(gain["baseline@10"]))
+    assert ab.paired_changes(w4, "ts", "baseline@10") == pytest.approx(dict(zip("012", want)))
+    assert ab.paired_changes(w2, "ts", "baseline") == pytest.approx(
+        {"0": 0.4, "2": 0.9})
+    assert ab.paired_changes(w2, "ts", "baseline_long") == {}  # not planned: nothing to pair
+
+    path = tmp_path / "changes.png"
+    ab.plot_changes(summary, str(path), args)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Only a Baseline finished: nothing to draw, and no file.
+    only = [{"status": "done", "top1": 0.6, "top5": 0.9} if r.key in ("fp", "baseline") else
+            {"status": "pending", "epochs_done": 0} for r in rows]
+    empty = tmp_path / "empty.png"
+    ab.plot_changes(ab.summarize(rows, only, args), str(empty), args)
+    assert not empty.exists()
 
 
 def test_curve_panels_zoom_on_the_quantized_epochs(ab):
@@ -623,7 +660,8 @@ def test_tiny_end_to_end_on_digits_then_skip(ab, tmp_path):
     assert w2["ts"]["vs_baseline"] == pytest.approx(w2["ts"]["top1"] - w2["baseline"]["top1"])
     md = (res / "table.md").read_text()
     assert "## FP activation clip, W2A2" in md and "| Baseline | 1 |" in md and "| TS | 2 |" in md
-    assert (res / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("curves.png", "changes.png"):
+        assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ts_results = res / "clip" / "seed0" / "w2" / "ts" / "results.json"
     stamp = ts_results.stat().st_mtime_ns
 
