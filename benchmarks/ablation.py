@@ -813,6 +813,22 @@ def zoom_limits(points, fp_epochs, fp_tail=FP_TAIL_EPOCHS, margin=0.08):
     return (x_lo, max(x for x, _ in seen) + 0.5), (min(ys) - pad, max(ys) + pad)
 
 
+def _pyplot():
+    # Imported here: planning and running rows do not need matplotlib.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path):
+    with runstate.atomic_path(path, ".png") as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
 def mean_curve(curves):
     """The mean of a row's seeds, epoch by epoch, over the seeds that finished.
 
@@ -844,11 +860,7 @@ def plot_curves(rows, path, args):
     (``zoom_limits``, on the thick lines), with the FP model's final top-1 as a dotted
     line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     acts, bits = fp_activations(args), list(args.bits)
     fig, axes = plt.subplots(len(acts), len(bits), figsize=(9 * len(bits), 4.5 * len(acts)),
                              squeeze=False)
@@ -905,9 +917,7 @@ def plot_curves(rows, path, args):
                  "starts; dotted: FP's final top-1" + ("; faint: single seeds" if several else "")
                  + ")", fontsize=10)
     fig.tight_layout()
-    with runstate.atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def paired_changes(table, key, ref):
@@ -933,11 +943,7 @@ def plot_changes(summary, path, args):
     is not the Baseline itself. Vertical lines: the Baseline (0), FP (mean paired gap)
     and, at 2 bits, the issue's +1.5 goal for PQ+TS+Guided.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = [(act, bits, table) for act, by_bits in summary.items()
               for bits, table in by_bits.items()
               if any(k not in ("fp", "baseline") and table[k]["n"] for k in table)]
@@ -997,9 +1003,7 @@ def plot_changes(summary, path, args):
     fig.suptitle(f"{args.model} on {args.dataset}: each row's change in top-1 against the "
                  "Baseline", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    with runstate.atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def write_outputs(rows, statuses, args, out=print, show=False):
