@@ -683,6 +683,39 @@ def test_tiny_end_to_end_on_digits_then_skip(ab, tmp_path):
     assert "| PQ |" in (res / "table.md").read_text()
 
 
+def test_the_same_script_on_cifar100_pickles(tmp_path):
+    # The "same script on CIFAR-100 when given its data": the pickle layout of
+    # cifar-100-python/, 100 classes, so top-5 is not trivially 100%.
+    import keras
+
+    import tfq  # noqa: F401  (registers the layers the saved model is made of)
+    from test_data_helpers import cifar_batch, write_pickle
+
+    folder = tmp_path / "data" / "cifar-100-python"
+    for split, n, seed in (("train", 400, 1), ("test", 100, 2)):
+        batch, _, labels = cifar_batch(n, 100, seed, label_key=b"fine_labels")
+        batch[b"coarse_labels"] = [lab % 20 for lab in labels]
+        write_pickle(str(folder / split), batch, protocol=3)
+    write_pickle(str(folder / "meta"), {
+        b"fine_label_names": [f"c{i:03d}".encode() for i in range(100)],
+        b"coarse_label_names": [f"s{i:02d}".encode() for i in range(20)]})
+    res = tmp_path / "res"
+    r = script("--dataset=cifar100", f"--data_dir={tmp_path / 'data'}", "--bits=4",
+               "--rows=fp,baseline", "--fp_epochs=1", "--budget=stage:1", "--train_limit=0",
+               "--holdout=100", "--eval_limit=50", "--batch_size=32", f"--results_dir={res}",
+               "--quiet", "--extra=--steps_per_epoch=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = json.loads((res / "table.json").read_text())
+    assert [(row["key"], row["status"]) for row in table["rows"]] == [
+        ("fp", "done"), ("baseline", "done")]
+    assert all("--dataset=cifar100" in row["command"] for row in table["rows"])
+    base = res / "clip" / "seed0" / "w4" / "baseline"
+    final = json.loads((base / "results.json").read_text())["final_model"]
+    model = keras.models.load_model(base / final)
+    assert model.output_shape[-1] == 100
+    assert "## FP activation clip, W4A4" in (res / "table.md").read_text()
+
+
 @pytest.mark.parametrize("test_split,label", [("test", False), ("holdout", True)])
 def test_goals_name_the_split_the_table_reports(ab, tmp_path, test_split, label):
     # The table holds each row's final evaluation on --test_split, whatever split the
