@@ -934,46 +934,67 @@ def paired_changes(table, key, ref):
     return {s: v["top1"] - theirs[s]["top1"] for s, v in mine.items() if s in theirs}
 
 
+def change_marks(table):
+    """What ``plot_changes`` draws for one bit-width: per row key, (field, ref, changes).
+
+    ``changes`` is ``paired_changes`` against ``ref``: the Baseline (field
+    ``vs_baseline``) and, where it is another row, the Baseline of the row's own epochs
+    (``vs_equal_epochs``). A change paired on no seed is left out, and so is a row left
+    with nothing.
+    """
+    out = {}
+    for key, t in table.items():
+        if key in ("fp", "baseline"):
+            continue
+        refs = [("vs_baseline", "baseline")]
+        if t.get("equal_epochs_ref") not in (None, "baseline"):
+            refs.append(("vs_equal_epochs", t["equal_epochs_ref"]))
+        marks = [(field, ref, paired_changes(table, key, ref)) for field, ref in refs]
+        marks = [m for m in marks if m[2]]
+        if marks:
+            out[key] = marks
+    return out
+
+
+# (marker, colour, legend) of each change changes.png draws
+CHANGE_STYLE = {"vs_baseline": ("o", "C0", "vs Baseline: mean, 95% interval"),
+                "vs_equal_epochs": ("s", "C1", "vs the Baseline of the row's own epochs")}
+
+
 def plot_changes(summary, path, args):
     """The paired changes of every row against the Baseline, one panel per bit-width.
 
-    One line per row: each seed's change as a dot, the mean with its 95% t interval as
-    a bar (what the paired table gives in numbers); a second, square marker for the
-    change at equal epochs, against the Baseline row of the row's own epochs, where that
-    is not the Baseline itself. Vertical lines: the Baseline (0), FP (mean paired gap)
-    and, at 2 bits, the issue's +1.5 goal for PQ+TS+Guided.
+    One line per row (``change_marks``): each seed's change as a dot, the mean with its
+    95% t interval as a bar (what the paired table gives in numbers); a second, square
+    marker for the change at equal epochs, against the Baseline row of the row's own
+    epochs, where that is not the Baseline itself. Vertical lines: the Baseline (0), FP
+    (mean paired gap) and, at 2 bits, the issue's +1.5 goal for PQ+TS+Guided. Nothing is
+    written while no row has a change to draw.
     """
     plt = _pyplot()
-    panels = [(act, bits, table) for act, by_bits in summary.items()
-              for bits, table in by_bits.items()
-              if any(k not in ("fp", "baseline") and table[k]["n"] for k in table)]
+    panels = [(act, bits, table, marks) for act, by_bits in summary.items()
+              for bits, table in by_bits.items() for marks in [change_marks(table)] if marks]
     if not panels:
         return
-    height = max(len(table) for _, _, table in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 1.2 + 0.45 * height),
+    height = max(len(marks) for *_, marks in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 1.6 + 0.45 * height),
                              squeeze=False)
-    for ax, (act, bits, table) in zip(axes[0], panels):
-        keys = [k for k in table if k not in ("fp", "baseline") and table[k]["n"]][::-1]
+    for ax, (act, bits, table, marks) in zip(axes[0], panels):
+        keys = list(marks)[::-1]  # the table's first row at the top
         for y, key in enumerate(keys):
             t = table[key]
-            marks = [(y, "baseline", "vs_baseline", "o", "C0")]
-            ref = t.get("equal_epochs_ref")
-            if ref not in (None, "baseline") and t.get("vs_equal_epochs") is not None:
-                marks = [(y + 0.15, "baseline", "vs_baseline", "o", "C0"),
-                         (y - 0.15, ref, "vs_equal_epochs", "s", "C1")]
-            for at, ref_key, field, marker, colour in marks:
-                seeds = paired_changes(table, key, ref_key)
-                if not seeds:
-                    continue
-                ax.plot(list(seeds.values()), [at] * len(seeds), ".", ms=4, alpha=0.45,
+            offsets = [0.0] if len(marks[key]) == 1 else [0.15, -0.15]
+            for dy, (field, _, seeds) in zip(offsets, marks[key]):
+                marker, colour, _ = CHANGE_STYLE[field]
+                ax.plot(list(seeds.values()), [y + dy] * len(seeds), ".", ms=4, alpha=0.45,
                         color=colour)
                 ci = t.get(field + "_ci")
                 err = None if ci is None else [[t[field] - ci[0]], [ci[1] - t[field]]]
-                ax.errorbar([t[field]], [at], xerr=err, fmt=marker, ms=5, capsize=3,
+                ax.errorbar([t[field]], [y + dy], xerr=err, fmt=marker, ms=5, capsize=3,
                             color=colour)
         ax.axvline(0, color="grey", lw=0.8)
         title = f"W{bits}A{bits}, FP activation {act}"
-        fp = table["baseline"].get("vs_fp")
+        fp = table.get("baseline", {}).get("vs_fp")
         if fp is not None:
             lo, hi = ax.get_xlim()
             if lo <= -fp <= hi:
@@ -994,11 +1015,9 @@ def plot_changes(summary, path, args):
         ax.set_xlabel(f"{reported_split(args)} top-1 change, points (paired per seed)")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    handles = [
-        plt.Line2D([], [], color="C0", marker="o", ls="", label="vs Baseline: mean, 95% interval"),
-        plt.Line2D([], [], color="C1", marker="s", ls="",
-                   label="vs the Baseline of the row's own epochs"),
-        plt.Line2D([], [], color="grey", marker=".", ls="", alpha=0.6, label="one seed")]
+    handles = [plt.Line2D([], [], color=c, marker=m, ls="", label=text)
+               for m, c, text in CHANGE_STYLE.values()]
+    handles.append(plt.Line2D([], [], color="grey", marker=".", ls="", alpha=0.6, label="one seed"))
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{args.model} on {args.dataset}: each row's change in top-1 against the "
                  "Baseline", fontsize=10)

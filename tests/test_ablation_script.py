@@ -581,14 +581,33 @@ def test_changes_plot_pairs_each_seed_with_the_baseline(ab, tmp_path):
     assert ab.paired_changes(w2, "ts", "baseline") == pytest.approx(
         {"0": 0.4, "2": 0.9})
     assert ab.paired_changes(w2, "ts", "baseline_long") == {}  # not planned: nothing to pair
+    # What the plot draws: TS against the Baseline and against Baseline (10 ep), its
+    # epochs; the Baseline (10 ep) only against the Baseline.
+    marks = ab.change_marks(w4)
+    assert [(f, ref, sorted(c)) for f, ref, c in marks["ts"]] == [
+        ("vs_baseline", "baseline", ["0", "1", "2"]),
+        ("vs_equal_epochs", "baseline@10", ["0", "1", "2"])]
+    assert [(f, ref) for f, ref, _ in marks["baseline@10"]] == [("vs_baseline", "baseline")]
+    assert list(marks) == ["ts", "baseline@10"]
 
     path = tmp_path / "changes.png"
     ab.plot_changes(summary, str(path), args)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No Baseline planned: TS still has its change at equal epochs to draw.
+    no_base = args_for(ab, tmp_path, "--bits=2", "--budget=final:8", "--holdout=50",
+                       "--seeds=0", "--eval_split=test", "--rows=ts,baseline@10")
+    planned = ab.plan_rows(no_base)
+    done = [{"status": "done", "top1": 0.6, "top5": 0.9} for _ in planned]
+    no_base_summary = ab.summarize(planned, done, no_base)
+    assert [(f, ref) for f, ref, _ in ab.change_marks(no_base_summary[no_base.fp_activation]["2"])[
+        "ts"]] == [("vs_equal_epochs", "baseline@10")]
+    ab.plot_changes(no_base_summary, str(tmp_path / "no_base.png"), no_base)
+    assert (tmp_path / "no_base.png").exists()
     # Only a Baseline finished: nothing to draw, and no file.
     only = [{"status": "done", "top1": 0.6, "top5": 0.9} if r.key in ("fp", "baseline") else
             {"status": "pending", "epochs_done": 0} for r in rows]
     empty = tmp_path / "empty.png"
+    assert ab.change_marks(ab.summarize(rows, only, args)[args.fp_activation]["2"]) == {}
     ab.plot_changes(ab.summarize(rows, only, args), str(empty), args)
     assert not empty.exists()
 
