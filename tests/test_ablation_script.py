@@ -704,7 +704,7 @@ def test_tiny_end_to_end_on_digits_then_skip(ab, tmp_path):
 
 def test_the_same_script_on_cifar100_pickles(tmp_path):
     # The "same script on CIFAR-100 when given its data": the pickle layout of
-    # cifar-100-python/, 100 classes, so top-5 is not trivially 100%.
+    # cifar-100-python/; the trained rows must have the data's 100 classes, not ten.
     import keras
 
     import tfq  # noqa: F401  (registers the layers the saved model is made of)
