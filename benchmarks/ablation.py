@@ -1,4 +1,4 @@
-"""The paper's ablation table (Zhuang et al. 2018, section 4) through the training CLI.
+r"""The paper's ablation table (Zhuang et al. 2018, section 4) through the training CLI.
 
 Rows: full precision, then for every bit-width of ``--bits``: Baseline, TS, PQ, Guided,
 PQ+TS, TS+Guided, PQ+TS+Guided and PQ+TS+Guided** (first conv and last FC at 32-bit
@@ -85,7 +85,7 @@ Usage::
   python benchmarks/ablation.py --eval_split=test --seeds=0,1 --results_dir=runs/ablation-test
   python benchmarks/ablation.py <the options of an earlier run> --seeds=0,1 --report_only \
       --import_table=benchmarks/results/ablation_lr005_table.json   # seed 0 ran elsewhere
-  python benchmarks/ablation.py --dataset=cifar100 --data_dir=/data/cifar-100-python \\
+  python benchmarks/ablation.py --dataset=cifar100 --data_dir=/data/cifar-100-python \
       --model=alexnet_cifar --extra="--data_option=label_mode=fine"
 
 Options given with a leading dash must use ``=``: ``--extra=--steps_per_epoch=3``.
