@@ -82,6 +82,8 @@ Usage::
   python benchmarks/ablation.py --eval_split=holdout --results_dir=runs/ablation-holdout
   python benchmarks/ablation.py --eval_split=holdout --bits=2 --rows=guided \
       --guidance_weight=0.1 --results_dir=runs/tune-lambda0.1 --fp_results_dir=runs/ablation-holdout
+  python benchmarks/ablation.py --eval_split=holdout --bits=2 --rows=guided \
+      --guidance_layers=scalar --results_dir=runs/tune-logits --fp_results_dir=runs/ablation-holdout
   python benchmarks/ablation.py --eval_split=test --seeds=0,1 --results_dir=runs/ablation-test
   python benchmarks/ablation.py <the options of an earlier run> --seeds=0,1 --report_only \
       --import_table=benchmarks/results/ablation_lr005_table.json   # seed 0 ran elsewhere
@@ -141,7 +143,7 @@ DEFAULT_THROUGHPUT = os.path.join(ROOT, "runs", "throughput.json")
 PROTOCOL_KEYS = ("model", "dataset", "data_dir", "train_limit", "holdout", "eval_split", "test_split",
                  "eval_limit", "batch_size", "fp_epochs", "fp_lr", "fp_lr_decay_epochs",
                  "budget", "min_stage_epochs", "lr", "lr_decay_epochs", "guidance_weight",
-                 "guidance_norm", "pq_sequence", "extra", "fp_results_dir")
+                 "guidance_norm", "guidance_layers", "pq_sequence", "extra", "fp_results_dir")
 EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (forward only)
 ROW_OVERHEAD_S = 30  # CLI start, data pipeline and model build per row
 STAGE_OVERHEAD_S = 20  # every stage traces its train and eval functions anew
@@ -340,6 +342,9 @@ def quantized_row(args, key, bits, act, seed, budget):
         f"--lr={args.lr:g}", f"--lr_decay_epochs={decay}",
         f"--guidance_weight={args.guidance_weight:g}", f"--guidance_norm={args.guidance_norm}",
         f"--pq_sequence={','.join(map(str, args.pq_sequence))}", f"--init_from={init}"]
+    if args.guidance_layers and any(s[3] for s in stages):
+        # Only rows with a guided stage: the others' config stays that of the default run.
+        argv.append(f"--guidance_layers={','.join(args.guidance_layers)}")
     if pinned:
         argv.append("--fp_first_last")
     return Row(key, bits, seed, act, model_dir, stages, tuple(argv + shlex.split(args.extra)),
@@ -721,7 +726,9 @@ def format_table(rows, statuses, summary, goal_lines, args):
              f"FP {args.fp_epochs} epochs (lr {args.fp_lr:g}, /10 every {args.fp_lr_decay_epochs}); "
              f"quantized budget {parse_budget(args.budget, args.min_stage_epochs)}, lr {args.lr:g} "
              f"(/10 every {args.lr_decay_epochs}), guidance weight {args.guidance_weight:g} "
-             f"({args.guidance_norm}), batch {args.batch_size}"
+             f"({args.guidance_norm}"
+             + (f", on {', '.join(args.guidance_layers)}" if args.guidance_layers else "")
+             + f"), batch {args.batch_size}"
              + (f", extra CLI flags `{args.extra}`" if args.extra else "") + ".",
              "Top-1 / top-5 in %; Δ = top-1 change in points, paired per seed; ± = standard "
              "deviation over seeds; Baseline (long): the Baseline trained as long as the longest "
@@ -1305,6 +1312,15 @@ def _int_list(name):
     return parse
 
 
+def _name_list(name):
+    def parse(text):
+        names = [n.strip() for n in text.split(",")]
+        if not all(names):
+            raise argparse.ArgumentTypeError(f"--{name}: an empty name in {text!r}")
+        return names
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1334,6 +1350,10 @@ def parse_args(argv=None):
     a("--lr_decay_epochs", type=int, default=10, help="quantized stages: lr /10 every this many epochs")
     a("--guidance_weight", type=float, default=0.5, help="lambda of the guidance loss")
     a("--guidance_norm", choices=("mean", "sum"), default="mean")
+    a("--guidance_layers", type=_name_list("guidance_layers"), default=None,
+      help="comma-separated layer names whose outputs the guidance loss compares, e.g. "
+           "'scalar' for resnet20's logits (the authors' released code); default: the "
+           "model's two guidance points (the paper's feature maps)")
     a("--pq_sequence", type=_int_list("pq_sequence"), default=[32, 8, 4, 2])
     a("--fp_activation", choices=("relu", "clip", "both"), default="clip",
       help="nonlinearity of the FP net (and of unquantized activations); both: a table for each")

@@ -117,6 +117,7 @@ def test_total_budget_and_filters(ab, tmp_path):
     (["--seeds=1,1"], "twice"),
     (["--budget=all:3"], "stage:N, total:N or final:N"),
     (["--seeds=a"], "integers"),
+    (["--guidance_layers=scalar,"], "an empty name"),
 ])
 def test_bad_options_rejected(ab, tmp_path, argv, match, capsys):
     with pytest.raises(SystemExit):
@@ -624,6 +625,39 @@ def test_curve_panels_zoom_on_the_quantized_epochs(ab):
     assert ab.zoom_limits(fp, fp_epochs=10) is None  # nothing quantized yet: no zoom
     (_, _), (lo, hi) = ab.zoom_limits([(10, 70.0), (11, 70.1)], fp_epochs=10)
     assert (lo, hi) == pytest.approx((69.5, 70.6))  # a flat panel still gets +-0.5 points
+
+
+def test_guidance_layers_go_to_the_guided_rows_only(ab, tmp_path):
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,ts,guided,pq+ts+guided",
+                    "--guidance_layers=scalar,fc")
+    rows = {r.key: r for r in ab.plan_rows(args)}
+    for key, guided in (("fp", False), ("baseline", False), ("ts", False), ("guided", True),
+                        ("pq+ts+guided", True)):
+        assert ("--guidance_layers=scalar,fc" in rows[key].argv) == guided, key
+    os.makedirs(rows["fp"].model_dir)  # the CLI checks that --init_from exists
+    from absl import flags
+
+    from tfq import train
+
+    flags.FLAGS(["tfq.train", *rows["guided"].argv])
+    try:
+        assert train.config_from_flags().guidance_layers == ("scalar", "fc")
+    finally:
+        flags.FLAGS.unparse_flags()
+    default = {r.key: r for r in ab.plan_rows(args_for(ab, tmp_path, "--bits=2", "--rows=guided"))}
+    assert not any(a.startswith("--guidance_layers") for a in default["guided"].argv)
+
+
+def test_guidance_layers_belong_to_the_protocol(ab, tmp_path):
+    ab.check_protocol(args_for(ab, tmp_path), write=True)
+    # protocol.json of a run from before the option: it reads as the default.
+    path = tmp_path / "res" / "protocol.json"
+    old = json.loads(path.read_text())
+    del old["guidance_layers"]
+    path.write_text(json.dumps(old))
+    ab.check_protocol(args_for(ab, tmp_path), write=False)
+    with pytest.raises(ab.AblationError, match=r"guidance_layers: None -> \['scalar'\]"):
+        ab.check_protocol(args_for(ab, tmp_path, "--guidance_layers=scalar"), write=False)
 
 
 def test_other_protocol_in_results_dir_refused(ab, tmp_path):
