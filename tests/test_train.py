@@ -114,6 +114,23 @@ def test_bad_flags_rejected_before_any_work(parse, argv, match):
         parse(*argv)
 
 
+def test_guidance_layers_checked_before_any_work(parse):
+    # What --guidance_layers names must be layers of the model, for any guided method.
+    for method in ("guided", "pq+ts+guided"):
+        with pytest.raises(tr.ConfigError, match=r"\['typo'\] are not layers of resnet20; "
+                           r"its guidance points are stage2_block3_out, stage3_block3_out, "
+                           r"its logits 'scalar'; every layer: .*stem_act"):
+            parse("--model=resnet20", f"--method={method}", "--guidance_layers=fc,typo")
+    assert parse("--model=resnet20", "--method=guided",
+                 "--guidance_layers=scalar").guidance_layers == ("scalar",)
+    # ** keeps the layer names.
+    assert parse("--model=resnet20", "--method=guided", "--fp_first_last",
+                 "--guidance_layers=fc,stage1_block1_out").guidance_layers == (
+                     "fc", "stage1_block1_out")
+    # Unused without a guided stage, so not checked (no model is built).
+    assert parse("--method=baseline", "--guidance_layers=typo").guidance_layers == ("typo",)
+
+
 def test_bad_flag_exits_with_message(tmp_path):
     r = cli(["--model=vgg16", f"--model_dir={tmp_path / 'x'}"])
     assert r.returncode == 2 and "unknown model 'vgg16'" in r.stderr

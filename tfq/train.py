@@ -245,11 +245,16 @@ def validate(cfg):
         raise ConfigError(f"--init_from: {cfg.init_from!r} does not exist")
     if cfg.stage_epochs is not None and len(quantized) > 1:
         raise ConfigError("--stage_epochs applies to a single quantized method; run methods separately")
+    guided = False
     for m in quantized:  # expands every plan, so stage_epochs mismatches fail now
         try:
-            _method_stages(cfg, m)
+            guided |= any(s.guided for s in _method_stages(cfg, m))
         except ValueError as e:
             raise ConfigError(f"--method {m}: {e}") from None
+    if guided and cfg.guidance_layers:
+        # Now, not at the first guided stage: after the pretraining and the stages
+        # before it, and with config.json written, which a corrected rerun would refuse.
+        check_guidance_layers(cfg.model, cfg.guidance_layers, fp_first_last=cfg.fp_first_last)
     parent = os.path.dirname(os.path.abspath(cfg.model_dir))
     if os.path.exists(cfg.model_dir) and not os.path.isdir(cfg.model_dir):
         raise ConfigError(f"--model_dir: {cfg.model_dir!r} exists and is not a folder")
@@ -259,6 +264,32 @@ def validate(cfg):
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"--model_dir: cannot write under {probe!r}")
     return cfg
+
+
+def check_guidance_layers(model, layers, **options):
+    """Refuses guidance layer names that are not layers of a registered model.
+
+    Builds the model once (names do not depend on the class count or input size).
+
+    Args:
+      model: a registered model name.
+      layers: the layer names the guidance loss would compare.
+      **options: model options that may rename layers (``fp_first_last``).
+
+    Raises:
+      ConfigError: names the missing layers, the model's guidance points, its logits
+        layer and every layer name.
+    """
+    from tfq import models
+
+    names = [layer.name for layer in models.build(model, num_classes=2, **options).layers]
+    missing = [g for g in layers if g not in names]
+    if missing:
+        logits = ", its logits 'scalar'" if "scalar" in names else ""
+        raise ConfigError(
+            f"--guidance_layers: {missing} are not layers of {model}; its guidance points "
+            f"are {', '.join(models.spec(model).guidance_layers)}{logits}; "
+            f"every layer: {', '.join(names)}")
 
 
 def config_from_flags(f=FLAGS):
