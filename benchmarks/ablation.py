@@ -1108,6 +1108,22 @@ def protocol_diff(old, new, ignore=()):
     return [k for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
 
 
+def check_model(args, rows):
+    """Refuses an unknown --model, or --guidance_layers it lacks, before any row runs.
+
+    The CLI would say so too, but only when the row reaches it: after the FP row's
+    training, or in the middle of a table.
+    """
+    from tfq import models, train
+
+    try:
+        models.spec(args.model)
+    except ValueError as e:
+        raise AblationError(f"--model: {e}") from None
+    if args.guidance_layers and any(s[3] for r in rows for s in r.stages):
+        train.check_guidance_layers(args.model, args.guidance_layers)
+
+
 def check_protocol(args, write):
     """Refuses a results_dir made with other options; writes protocol.json if asked."""
     path = os.path.join(args.results_dir, "protocol.json")
@@ -1424,8 +1440,9 @@ def main(argv=None, out=print):
     elif args.data_dir is not None:
         args.data_dir = os.path.abspath(args.data_dir)
     try:
-        check_protocol(args, write=not (args.dry_run or args.report_only))
         rows = plan_rows(args)
+        check_model(args, rows)  # first: a refused option must not leave a protocol.json
+        check_protocol(args, write=not (args.dry_run or args.report_only))
         statuses = [row_status(r) for r in rows]
         statuses = import_statuses(rows, statuses, args.import_table, args)
     except (AblationError, ValueError) as e:

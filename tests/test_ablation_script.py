@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -693,6 +694,24 @@ def test_dry_run_prints_plan_and_estimate_and_writes_nothing(ab, tmp_path):
     assert "500 training and 100 holdout images per epoch" in out
     assert "estimated compute:" in out
     assert not res.exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model=vgg16"], "--model: unknown model 'vgg16'; known models: alexnet"),
+    (["--model=resnet20", "--guidance_layers=scalar,fc9"],
+     r"\['fc9'\] are not layers of resnet20; its guidance points are stage2_block3_out"),
+])
+def test_bad_model_or_guidance_layers_refused_before_any_row(ab, tmp_path, capsys, argv, match):
+    res = tmp_path / "res"
+    rc = ab.main(["--dataset=digits", "--bits=2", "--rows=baseline,guided",
+                  f"--results_dir={res}", *argv], out=lambda *_: None)
+    assert rc == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not res.exists()  # nothing written: a corrected rerun is not refused
+    # Without a guided row the names are not used, so not checked.
+    assert ab.main(["--dataset=digits", "--bits=2", "--rows=baseline", "--dry_run",
+                    "--images_per_second=100", "--model=resnet20", "--guidance_layers=fc9",
+                    f"--results_dir={res}"], out=lambda *_: None) == 0
 
 
 def test_tiny_end_to_end_on_digits_then_skip(ab, tmp_path):
