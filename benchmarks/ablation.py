@@ -655,11 +655,14 @@ def goals(summary, args):
     for act, by_bits in summary.items():
         def check(bits, keys, field, threshold, text):
             table = by_bits.get(str(bits))
-            if table is None or any(k not in table for k in keys):
+            ref = {"vs_fp": "fp", "vs_baseline": "baseline"}[field]
+            if table is None or any(k not in table for k in keys + [ref]):
                 return out.append((act, "N/A", f"{text}: row or bit-width not planned"))
             vals = [table[k].get(field) for k in keys]
             if any(v is None for v in vals):
-                missing = [label(k) for k, v in zip(keys, vals) if v is None]
+                # A change needs both rows on one seed: name every row with no seed yet.
+                missing = [label(k) for k in [ref] + keys if not table[k]["n"]] or [
+                    f"{label(ref)} on the rows' seeds"]
                 return out.append((act, "PENDING", f"{text}: waiting for {', '.join(missing)}"))
             ok = all(v >= threshold for v in vals)
             got = ", ".join(f"{label(k)} {v:+.2f}" for k, v in zip(keys, vals))

@@ -264,9 +264,23 @@ def test_goals_pass_fail_pending(ab, tmp_path):
     assert status == "FAIL" and "PQ -0.10" in text and "TS +0.10" in text
     guided2 = next(i for i, r in enumerate(rows) if (r.bits, r.key) == (2, "guided"))
     statuses[guided2] = {"status": "pending", "epochs_done": 0}
-    got = {text.split(":")[0]: status for _, status, text in
+    base2 = next(i for i, r in enumerate(rows) if (r.bits, r.key) == (2, "baseline"))
+    statuses[base2] = {"status": "pending", "epochs_done": 0}
+    got = {text.split(":")[0]: (status, text) for _, status, text in
            ab.goals(ab.summarize(rows, statuses, args), args)}
-    assert got["2-bit TS, PQ, Guided each >= Baseline"] == "PENDING"
+    status, text = got["2-bit TS, PQ, Guided each >= Baseline"]
+    assert status == "PENDING" and text.endswith("waiting for Baseline, Guided")
+    status, text = got["2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+    assert status == "PENDING" and text.endswith("waiting for Baseline")  # the row is done
+    # A table planned without a Baseline (another option's rows alone): no goal.
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=guided,pq+ts+guided", "--budget=stage:1",
+                    "--holdout=50", "--eval_split=test")
+    rows = ab.plan_rows(args)
+    statuses = [{"status": "done", "top1": top1[(r.bits, r.key)], "top5": 0.9} for r in rows]
+    got = {text.split(":")[0]: (status, text) for _, status, text in
+           ab.goals(ab.summarize(rows, statuses, args), args)}
+    assert got["2-bit PQ+TS+Guided >= 1.5 above Baseline"] == (
+        "N/A", "2-bit PQ+TS+Guided >= 1.5 above Baseline: row or bit-width not planned")
 
 
 def test_goal_lines_flag_rows_trained_longer_than_the_baseline(ab, tmp_path):
