@@ -281,6 +281,17 @@ def test_goals_pass_fail_pending(ab, tmp_path):
            ab.goals(ab.summarize(rows, statuses, args), args)}
     assert got["2-bit PQ+TS+Guided >= 1.5 above Baseline"] == (
         "N/A", "2-bit PQ+TS+Guided >= 1.5 above Baseline: row or bit-width not planned")
+    # Both rows finished, but on different seeds: no pair yet.
+    args = args_for(ab, tmp_path, "--bits=2", "--rows=baseline,pq+ts+guided", "--seeds=0,1",
+                    "--budget=stage:1", "--holdout=50", "--eval_split=test")
+    rows = ab.plan_rows(args)
+    statuses = [{"status": "done", "top1": 0.6, "top5": 0.9}
+                if (r.key, r.seed) in {("fp", 0), ("fp", 1), ("baseline", 0), ("pq+ts+guided", 1)}
+                else {"status": "pending", "epochs_done": 0} for r in rows]
+    got = {text.split(":")[0]: (status, text) for _, status, text in
+           ab.goals(ab.summarize(rows, statuses, args), args)}
+    status, text = got["2-bit PQ+TS+Guided >= 1.5 above Baseline"]
+    assert status == "PENDING" and text.endswith("waiting for Baseline on the rows' seeds")
 
 
 def test_goal_lines_flag_rows_trained_longer_than_the_baseline(ab, tmp_path):
