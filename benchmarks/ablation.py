@@ -267,9 +267,12 @@ def slug(key):
     return key.replace("**", "_fp_first_last")
 
 
-def seed_dir(args, act, seed, fp=False):
-    root = (args.fp_results_dir or args.results_dir) if fp else args.results_dir
-    return os.path.join(root, act, f"seed{seed}")
+def row_dir(results_dir, act, seed, key, bits=None):
+    """The model_dir of row ``key`` under ``results_dir`` (``bits`` unused for ``fp``)."""
+    seed_path = os.path.join(results_dir, act, f"seed{seed}")
+    if key == "fp":
+        return os.path.join(seed_path, "fp")
+    return os.path.join(seed_path, f"w{bits}", slug(key))
 
 
 def fp_activations(args):
@@ -291,7 +294,7 @@ def common_flags(args, act, seed, model_dir):
 
 
 def fp_row(args, act, seed):
-    model_dir = os.path.join(seed_dir(args, act, seed, fp=True), "fp")
+    model_dir = row_dir(args.fp_results_dir or args.results_dir, act, seed, "fp")
     argv = common_flags(args, act, seed, model_dir) + [
         "--method=fp", f"--epochs={args.fp_epochs}", f"--pretrain_lr={args.fp_lr:g}",
         f"--pretrain_lr_decay_epochs={args.fp_lr_decay_epochs}"] + shlex.split(args.extra)
@@ -332,10 +335,9 @@ def quantized_row(args, key, bits, act, seed, budget):
         decay = max(1, int(decay * longer / epochs[0] + 0.5))
         epochs = [longer]
     stages = tuple((s.name, s.w_bits, s.a_bits, s.guided, e) for s, e in zip(plan, epochs))
-    sdir = seed_dir(args, act, seed)
-    model_dir = os.path.join(sdir, f"w{bits}", slug(key))
+    model_dir = row_dir(args.results_dir, act, seed, key, bits)
     pinned = key.endswith("**")
-    fp_dir = os.path.join(seed_dir(args, act, seed, fp=True), "fp")
+    fp_dir = row_dir(args.fp_results_dir or args.results_dir, act, seed, "fp")
     init = fp_dir
     argv = common_flags(args, act, seed, model_dir) + [
         f"--method={method}", f"--bits={bits}", f"--stage_epochs={','.join(map(str, epochs))}",

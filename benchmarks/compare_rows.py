@@ -60,17 +60,10 @@ def parse_row(text):
     return name.strip(), results_dir, key
 
 
-def model_dir(results_dir, key, act, seed, bits):
-    seed_dir = os.path.join(results_dir, act, f"seed{seed}")
-    if key == "fp":
-        return os.path.join(seed_dir, "fp")
-    return os.path.join(seed_dir, f"w{bits}", ablation.slug(key))
-
-
 def read_row(results_dir, key, act, seed, bits):
     """{split field: top-1 in %} of a finished row, or None (missing or unfinished)."""
     results = ablation.runstate.read_json(
-        os.path.join(model_dir(results_dir, key, act, seed, bits), "results.json"))
+        os.path.join(ablation.row_dir(results_dir, act, seed, key, bits), "results.json"))
     if not results or not results.get("complete"):
         return None
     m = results["methods"][ablation.method_of(key)]
