@@ -264,6 +264,9 @@ def test_goals_pass_fail_pending(ab, tmp_path):
     assert status == "FAIL" and "PQ -0.10" in text and "TS +0.10" in text
     guided2 = next(i for i, r in enumerate(rows) if (r.bits, r.key) == (2, "guided"))
     statuses[guided2] = {"status": "pending", "epochs_done": 0}
+    got = {text.split(":")[0]: status for _, status, text in
+           ab.goals(ab.summarize(rows, statuses, args), args)}
+    assert got["2-bit TS, PQ, Guided each >= Baseline"] == "PENDING"
     base2 = next(i for i, r in enumerate(rows) if (r.bits, r.key) == (2, "baseline"))
     statuses[base2] = {"status": "pending", "epochs_done": 0}
     got = {text.split(":")[0]: (status, text) for _, status, text in
