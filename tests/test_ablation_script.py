@@ -1,6 +1,5 @@
 """benchmarks/ablation.py: budget rules, the row plan, resuming row by row, and a tiny real run."""
 
-import importlib.util
 import json
 import os
 import re
@@ -14,12 +13,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "ablation.py")
 
 
 @pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("ablation_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def ab(load_benchmark):
+    return load_benchmark("ablation")
 
 
 def args_for(ab, tmp_path, *extra):

@@ -1,25 +1,15 @@
 """benchmarks/compare_rows.py: rows of several results_dirs paired by seed."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "compare_rows.py")
-
 
 @pytest.fixture(scope="module")
-def cr():
-    spec = importlib.util.spec_from_file_location("compare_rows_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def cr(load_benchmark):
+    return load_benchmark("compare_rows")
 
 
 def finished(results_dir, rel, method, top1, test_top1, complete=True):
