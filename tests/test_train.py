@@ -129,6 +129,11 @@ def test_guidance_layers_checked_before_any_work(parse):
                      "fc", "stage1_block1_out")
     # Unused without a guided stage, so not checked (no model is built).
     assert parse("--method=baseline", "--guidance_layers=typo").guidance_layers == ("typo",)
+    # The ablation script validates every finished guided row: the model is built once.
+    tr._layer_names.cache_clear()
+    for _ in range(3):
+        parse("--model=resnet20", "--method=guided", "--guidance_layers=scalar")
+    assert tr._layer_names.cache_info().misses == 1
 
 
 def test_bad_flag_exits_with_message(tmp_path):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import glob
 import io
 import math
@@ -282,7 +283,7 @@ def check_guidance_layers(model, layers, **options):
     """
     from tfq import models
 
-    names = [layer.name for layer in models.build(model, num_classes=2, **options).layers]
+    names = _layer_names(model, tuple(sorted(options.items())))
     missing = [g for g in layers if g not in names]
     if missing:
         logits = ", its logits 'scalar'" if "scalar" in names else ""
@@ -290,6 +291,18 @@ def check_guidance_layers(model, layers, **options):
             f"--guidance_layers: {missing} are not layers of {model}; its guidance points "
             f"are {', '.join(models.spec(model).guidance_layers)}{logits}; "
             f"every layer: {', '.join(names)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_names(model, options):
+    """Layer names of a registered model, built once per process for each option set.
+
+    Cached because the ablation script validates every finished guided row's config, and
+    building a network for each would cost seconds and memory in a long-lived process.
+    """
+    from tfq import models
+
+    return tuple(layer.name for layer in models.build(model, num_classes=2, **dict(options)).layers)
 
 
 def config_from_flags(f=FLAGS):
