@@ -118,7 +118,9 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tfq import runstate  # noqa: E402  (no TensorFlow import)
+# Importing any tfq module runs tfq/__init__, which loads Keras and TensorFlow: the layers
+# must be registered for load_model without custom_objects whatever is imported first.
+from tfq import runstate  # noqa: E402
 
 # The rows of the paper's table, in its order; "**" = first conv and last FC at 32 bits.
 # "baseline_long" is not the paper's: the Baseline trained as long as the longest method,
@@ -321,7 +323,7 @@ def quantized_row(args, key, bits, act, seed, budget):
     (``baseline@N`` with N the Baseline's epochs, or ``baseline_long`` where no method is
     longer than the Baseline.)
     """
-    from tfq import precision  # imports Keras: only once there is something to plan
+    from tfq import precision
 
     method = method_of(key)
     plan = precision.plan_stages(method, w_bits=bits, a_bits=bits, pq_sequence=args.pq_sequence)
