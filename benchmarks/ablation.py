@@ -277,6 +277,11 @@ def row_dir(results_dir, act, seed, key, bits=None):
     return os.path.join(seed_path, f"w{bits}", slug(key))
 
 
+def fp_model_dir(args, act, seed):
+    """Where the FP net of ``seed`` lives: ``--fp_results_dir``, else ``--results_dir``."""
+    return row_dir(args.fp_results_dir or args.results_dir, act, seed, "fp")
+
+
 def fp_activations(args):
     return list(FP_ACTIVATIONS) if args.fp_activation == "both" else [args.fp_activation]
 
@@ -296,7 +301,7 @@ def common_flags(args, act, seed, model_dir):
 
 
 def fp_row(args, act, seed):
-    model_dir = row_dir(args.fp_results_dir or args.results_dir, act, seed, "fp")
+    model_dir = fp_model_dir(args, act, seed)
     argv = common_flags(args, act, seed, model_dir) + [
         "--method=fp", f"--epochs={args.fp_epochs}", f"--pretrain_lr={args.fp_lr:g}",
         f"--pretrain_lr_decay_epochs={args.fp_lr_decay_epochs}"] + shlex.split(args.extra)
@@ -339,7 +344,7 @@ def quantized_row(args, key, bits, act, seed, budget):
     stages = tuple((s.name, s.w_bits, s.a_bits, s.guided, e) for s, e in zip(plan, epochs))
     model_dir = row_dir(args.results_dir, act, seed, key, bits)
     pinned = key.endswith("**")
-    fp_dir = row_dir(args.fp_results_dir or args.results_dir, act, seed, "fp")
+    fp_dir = fp_model_dir(args, act, seed)
     init = fp_dir
     argv = common_flags(args, act, seed, model_dir) + [
         f"--method={method}", f"--bits={bits}", f"--stage_epochs={','.join(map(str, epochs))}",
