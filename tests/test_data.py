@@ -250,6 +250,25 @@ def test_holdout_is_disjoint_from_train_and_repeatable():
     assert sizes == {"train": 40, "test": 40, "holdout": 40}
 
 
+def test_unused_is_every_training_image_holdout_and_limit_leave_out():
+    def images(split, **kw):
+        x, y = collect(tfq.data.build_dataset("digits", split, mean="none", batch_size=512, **kw))
+        return [(int(lab), img.tobytes()) for img, lab in zip(np.round(x * 255).astype(np.uint8), y)]
+
+    kw = dict(holdout=100, limit=40, seed=2)
+    full, hold, train, unused = (images("train"), images("holdout", holdout=100, seed=2),
+                                 images("train", **kw), images("unused", **kw))
+    assert len(unused) == len(full) - 140
+    assert sorted(hold + train + unused) == sorted(full)  # a partition, duplicates included
+    assert unused == images("unused", **kw)
+    assert sorted(images("unused", limit=40, seed=2) + train) != sorted(full)  # holdout matters
+    assert len(images("unused", limit=40, seed=2)) == len(full) - 40
+    with pytest.raises(DataError, match="needs limit"):
+        tfq.data.build_dataset("digits", "unused", holdout=100)
+    with pytest.raises(DataError, match="'unused' is empty"):
+        tfq.data.build_dataset("digits", "unused", limit=len(full))
+
+
 # ----------------------------------------------------------------------------- mean cache
 
 

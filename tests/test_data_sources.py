@@ -249,6 +249,8 @@ def test_tfrecord_holdout_and_limit_are_disjoint_and_repeatable(tmp_path):
     assert len({tuple(fingerprint("holdout", holdout=6, seed=s)) for s in range(2, 5)}) > 1
     limited = fingerprint("train", holdout=6, limit=6, seed=1)
     assert len(limited) == 6 and set(limited) <= set(rest)
+    unused = fingerprint("unused", holdout=6, limit=6, seed=1)
+    assert len(unused) == 9 and sorted(hold + limited + unused) == full
     sizes = tfq.data.info("imagenet", holdout=6, limit=6, data_dir=str(root)).split_sizes
     assert sizes == {"train": 6, "holdout": 6}
 

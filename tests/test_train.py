@@ -102,6 +102,8 @@ def parse():
         (["--method=ts", "--stage_epochs=1,2,3"], "2 quantized stages"),
         (["--method=fp,baseline"], "pretrain_epochs"),
         (["--eval_split=holdout"], "holdout"),
+        (["--test_split=unused"], "needs --train_limit"),
+        (["--eval_split=unused", "--train_limit=100", "--eval_limit=50"], "does not apply"),
         (["--data_option=novalue"], "key=value"),
         (["--bits=32", "--method=baseline"], "below 32"),
     ],
@@ -279,6 +281,28 @@ def test_init_from_rebuilds_with_this_runs_options_and_test_split(tmp_path):
     assert final.get_layer("stem").w_bits == 32 and final.get_layer("stem").pinned
     assert final.get_layer("fc").w_bits == 32 and final.get_layer("stage1_block1_1").w_bits == 2
     assert tfq.get_precision(final) == tfq.Precision(2, 2)
+
+
+def test_test_split_unused_evaluates_the_images_training_never_saw(tmp_path):
+    import keras
+
+    import tfq.data
+
+    d = tmp_path / "run"
+    r = cli(TINY + [f"--model_dir={d}", "--method=fp", "--epochs=1", "--train_limit=200",
+                    "--holdout=100", "--eval_split=holdout", "--test_split=unused", "--seed=3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((d / "results.json").read_text())
+    model = keras.models.load_model(d / res["final_model"])
+    x, y = [], []
+    for images, labels in tfq.data.build_dataset("digits", "unused", limit=200, holdout=100, seed=3,
+                                                 mean=np.load(d / "mean.npy"), batch_size=512):
+        x.append(images.numpy())
+        y.append(labels.numpy())
+    y = np.concatenate(y)
+    top1 = np.mean(np.argmax(model.predict(np.concatenate(x), verbose=0), -1) == y)
+    assert len(y) == 1438 - 300
+    assert res["methods"]["fp"]["test_top1"] == pytest.approx(top1, abs=1e-6)
 
 
 def test_resume_accepts_a_config_written_before_a_flag_existed(tmp_path):

@@ -46,6 +46,8 @@ import time
 
 from absl import app, flags
 
+from tfq.data.pipeline import UNUSED
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", "resnet20", "Registered model name (tfq.models.names()).")
@@ -56,7 +58,7 @@ flags.DEFINE_bool("download", False, "Let tensorflow-datasets download a catalog
 flags.DEFINE_integer("train_limit", None, "Use a class-balanced subset of this many training images.")
 flags.DEFINE_integer("eval_limit", None, "Evaluate on a subset of this many images.")
 flags.DEFINE_integer("holdout", 0, "Hold out this many training images as split 'holdout'.")
-flags.DEFINE_string("eval_split", "test", "Split used for validation each epoch: test, validation or holdout.")
+flags.DEFINE_string("eval_split", "test", "Split used for validation each epoch: test, validation, holdout, or unused (the training images neither --train_limit nor --holdout took).")
 flags.DEFINE_string("test_split", None, "Also evaluate every finished stage on this split (e.g. test, while --eval_split=holdout drives the per-epoch curves); reported as test_top1/test_top5/test_loss.")
 flags.DEFINE_integer("image_size", None, "Crop size fed to the model (default: the dataset's).")
 flags.DEFINE_enum("mean", "per_pixel", ["per_pixel", "none"], "Mean subtracted from every image.")
@@ -242,6 +244,12 @@ def validate(cfg):
         raise ConfigError(f"--calibration_percentile must be in (0, 100]; got {cfg.calibration_percentile}")
     if "holdout" in (cfg.eval_split, cfg.test_split) and not cfg.holdout:
         raise ConfigError("--eval_split/--test_split=holdout needs --holdout > 0")
+    if UNUSED in (cfg.eval_split, cfg.test_split) and not cfg.train_limit:
+        raise ConfigError(f"--eval_split/--test_split={UNUSED} (the training images "
+                          "--train_limit leaves out) needs --train_limit")
+    if UNUSED == cfg.eval_split and cfg.eval_limit:
+        raise ConfigError(f"--eval_limit does not apply to --eval_split={UNUSED}: its size is "
+                          "what --train_limit and --holdout leave of the training split")
     if cfg.init_from is not None and not os.path.exists(cfg.init_from):
         raise ConfigError(f"--init_from: {cfg.init_from!r} does not exist")
     if cfg.stage_epochs is not None and len(quantized) > 1:
@@ -625,10 +633,14 @@ def _train_locked(cfg, run, strategy, out):
     train_ds = distribute.dataset(strategy, cfg.dataset, "train", cfg.batch_size,
                                   training=True, limit=cfg.train_limit,
                                   skip_corrupt=cfg.skip_corrupt, **common)
+    # "unused" is defined by the training subset it leaves out, so it takes train_limit
     eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
-                                 training=False, limit=cfg.eval_limit, **common)
+                                 training=False, **common,
+                                 limit=cfg.train_limit if cfg.eval_split == UNUSED else cfg.eval_limit)
     test_ds = (distribute.dataset(strategy, cfg.dataset, cfg.test_split, cfg.batch_size,
-                                  training=False, **common) if cfg.test_split else None)
+                                  training=False, **common,
+                                  limit=cfg.train_limit if cfg.test_split == UNUSED else None)
+               if cfg.test_split else None)
     input_shape = tuple(info.image_shape)
     plan = plan_run(cfg)
     if run.writable:

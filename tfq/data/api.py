@@ -63,7 +63,10 @@ def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False,
     Args:
       name: a name from ``names()`` or ``"tfds:<name>"``.
       split: ``"train"``, ``"test"`` (``"validation"`` for ImageNet; each stands in for
-        the other where a source has only one), or ``"holdout"`` (with ``holdout > 0``).
+        the other where a source has only one), ``"holdout"`` (with ``holdout > 0``), or
+        ``"unused"``: the training examples that ``holdout`` and ``limit`` both leave
+        out, i.e. never seen by a run trained with the same seed, ``limit`` and
+        ``holdout`` (needs ``limit``).
       data_dir: where the data is.
       batch_size: examples per batch (per replica under ``distributed_dataset``).
       training: shuffle and augment (random crops and flips; see ``tfq.data.preprocess``).
@@ -76,7 +79,8 @@ def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False,
       image_size: int or (H, W) fed to the model (None: the source's default).
       mean: ``"per_pixel"`` (the training split's per-pixel mean image, see
         ``pixel_mean``), ``"none"``, or an array (H, W, 3) in [0, 1] units.
-      limit: keep a class-balanced subset of this many examples of the split.
+      limit: keep a class-balanced subset of this many examples of the split (for
+        ``"unused"``: the size of the training subset it leaves out).
       holdout: move a class-balanced subset of this many training examples from
         ``"train"`` into the split ``"holdout"``.
       skip_corrupt: skip images that cannot be decoded instead of failing; they are

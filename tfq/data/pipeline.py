@@ -159,12 +159,18 @@ def _take(records, n, num_classes, seed, purpose, keep=True):
     return records.subset(chosen)
 
 
+UNUSED = "unused"
+
+
 def split_records(source, split, *, holdout=0, limit=None, seed=0):
     """The records of ``split`` after ``holdout`` and ``limit``.
 
     ``holdout=N`` moves a class-balanced subset of N training examples into the split
     ``"holdout"``; ``limit=N`` then keeps a class-balanced subset of N examples of the
-    requested split. Both are drawn from ``seed`` alone.
+    requested split. Both are drawn from ``seed`` alone. Split ``"unused"`` is the
+    training examples in neither subset: what a run on ``limit`` examples never saw,
+    a validation set as large as the data allows (here ``limit`` names the training
+    subset it leaves out, not a size for the split).
 
     In-memory arrays and file lists get exactly ``min(N, size)`` examples, as evenly
     spread over the classes as their sizes allow. Record streams (TFRecord, tfds), whose
@@ -174,6 +180,18 @@ def split_records(source, split, *, holdout=0, limit=None, seed=0):
     share; such pipelines are also reshuffled only within ``shuffle_buffer``.
     """
     k = len(source.class_names)
+    if split == UNUSED:
+        if limit is None:
+            raise DataError(f"split {UNUSED!r} is the training examples left out by `limit` "
+                            "(and `holdout`): it needs limit")
+        records = source.records(source.canonical_split("train"))
+        if holdout > 0:
+            records = _take(records, holdout, k, seed, select.HOLDOUT, keep=False)
+        records = _take(records, limit, k, seed, select.LIMIT, keep=False)
+        if not len(records):
+            raise DataError(f"split {UNUSED!r} is empty: limit={limit} (with holdout={holdout}) "
+                            "takes every training example")
+        return records
     if split == "holdout":
         if holdout <= 0:
             raise DataError("split 'holdout' needs holdout > 0")
