@@ -283,7 +283,7 @@ def test_init_from_rebuilds_with_this_runs_options_and_test_split(tmp_path):
     assert tfq.get_precision(final) == tfq.Precision(2, 2)
 
 
-def test_test_split_unused_evaluates_the_images_training_never_saw(tmp_path):
+def test_unused_split_and_evaluate_run_use_the_images_training_never_saw(tmp_path):
     import keras
 
     import tfq.data
@@ -303,6 +303,15 @@ def test_test_split_unused_evaluates_the_images_training_never_saw(tmp_path):
     top1 = np.mean(np.argmax(model.predict(np.concatenate(x), verbose=0), -1) == y)
     assert len(y) == 1438 - 300
     assert res["methods"]["fp"]["test_top1"] == pytest.approx(top1, abs=1e-6)
+    # evaluate_run rebuilds the run's own pipeline (seed, subsets, mean) afterwards
+    assert tr.evaluate_run(str(d), "unused")["top1"] == pytest.approx(top1, abs=1e-6)
+    assert tr.evaluate_run(str(d), "holdout")["top1"] == pytest.approx(
+        res["methods"]["fp"]["top1"], abs=1e-6)
+    os.remove(d / res["final_model"])
+    with pytest.raises(tr.ConfigError, match="final model is not there"):
+        tr.evaluate_run(str(d), "unused")
+    with pytest.raises(tr.ConfigError, match="not a tfq training run"):
+        tr.evaluate_run(str(tmp_path), "test")
 
 
 def test_resume_accepts_a_config_written_before_a_flag_existed(tmp_path):

@@ -633,14 +633,11 @@ def _train_locked(cfg, run, strategy, out):
     train_ds = distribute.dataset(strategy, cfg.dataset, "train", cfg.batch_size,
                                   training=True, limit=cfg.train_limit,
                                   skip_corrupt=cfg.skip_corrupt, **common)
-    # "unused" is defined by the training subset it leaves out, so it takes train_limit
     eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
-                                 training=False, **common,
-                                 limit=cfg.train_limit if cfg.eval_split == UNUSED else cfg.eval_limit)
+                                 training=False, limit=_split_limit(cfg, cfg.eval_split), **common)
     test_ds = (distribute.dataset(strategy, cfg.dataset, cfg.test_split, cfg.batch_size,
-                                  training=False, **common,
-                                  limit=cfg.train_limit if cfg.test_split == UNUSED else None)
-               if cfg.test_split else None)
+                                  training=False, limit=_split_limit(cfg, cfg.test_split, False),
+                                  **common) if cfg.test_split else None)
     input_shape = tuple(info.image_shape)
     plan = plan_run(cfg)
     if run.writable:
@@ -726,6 +723,20 @@ def _train_locked(cfg, run, strategy, out):
         run.save_state()
         _write_results(run, plan)
     return _write_results(run, plan)
+
+
+def _split_limit(cfg, split, is_eval_split=None):
+    """The ``limit`` a run's pipeline for ``split`` takes.
+
+    ``"unused"`` is defined by the training subset it leaves out, so it takes
+    ``train_limit``; the per-epoch validation split keeps ``eval_limit``; the test split
+    is whole.
+    """
+    if split == UNUSED:
+        return cfg.train_limit
+    if is_eval_split is None:
+        is_eval_split = split == cfg.eval_split
+    return cfg.eval_limit if is_eval_split else None
 
 
 def _mean(cfg, run, info, opts, out=print):
@@ -850,6 +861,58 @@ def evaluate(model, dataset, strategy=None):
         distribute.prepare(model, strategy, dataset.element_spec)
     ev = model.evaluate(dataset, verbose=0, return_dict=True)
     return {"top1": float(ev["accuracy"]), "top5": float(ev["top5"]), "loss": float(ev["loss"])}
+
+
+def evaluate_run(model_dir, split, batch_size=256):
+    """Top-1, top-5 and loss of a finished run's final model on ``split`` of its own data.
+
+    The pipeline is the run's: dataset, data options and image size from its
+    ``config.json``, the per-pixel mean it trained with (``mean.npy``), and the seed,
+    ``holdout`` and ``train_limit`` that decide which images ``"holdout"`` and
+    ``"unused"`` hold (its ``eval_split`` keeps ``eval_limit``, as in training); so
+    ``split="unused"`` gives every training image this run never saw, a validation set
+    for choices made after its holdout was spent.
+
+    Args:
+      model_dir: a tfq training run with a finished stage.
+      split: ``"test"``, ``"holdout"``, ``"unused"``... (``tfq.data.build_dataset``).
+      batch_size: evaluation batch.
+
+    Returns:
+      {"top1", "top5", "loss"}.
+
+    Raises:
+      ConfigError: not a training run, or its final model is missing or unreadable.
+      tfq.data.DataError: the run's data cannot be read (moved, or the split is empty).
+    """
+    from tfq import data, runstate
+
+    stored = runstate.read_json(os.path.join(model_dir, "config.json"))
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{model_dir}: no readable config.json; not a tfq training run")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = dataclasses.replace(
+        TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in stored.items() if k in known}), model_dir=model_dir)
+    results_path = os.path.join(model_dir, "results.json")
+    results = runstate.read_json(results_path)
+    try:
+        if results is None:
+            raise ValueError("missing (no stage of the run has finished)")
+        path = runstate.final_model_path(model_dir, results)
+    except ValueError as e:
+        raise ConfigError(f"{results_path}: {e}") from None
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: the run's final model is not there (not kept, or moved)")
+    model = _load_model(path)
+    opts = dict(cfg.data_options)
+    info = data.info(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts)
+    mean = _mean(cfg, _Run(cfg, writable=False), info, opts)
+    ds = data.build_dataset(cfg.dataset, split, data_dir=cfg.data_dir, batch_size=batch_size,
+                            image_size=cfg.image_size, mean=mean, holdout=cfg.holdout,
+                            seed=cfg.seed, limit=_split_limit(cfg, split), **opts)
+    with data.translate_errors():
+        return evaluate(model, ds)
 
 
 def _save_plain(run, model, path):
