@@ -1,6 +1,7 @@
 """benchmarks/compare_rows.py: rows of several results_dirs paired by seed."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ def finished(results_dir, rel, method, top1, test_top1, complete=True):
     d = results_dir / rel
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps(
-        {"complete": complete, "stages": [],
+        {"complete": complete, "stages": [], "final_model": "stages/last/model.keras",
          "methods": {method: {"top1": top1, "top5": 0.9, "test_top1": test_top1}}}))
 
 
@@ -78,6 +79,58 @@ def test_cli_prints_tables_and_writes_json(cr, dirs, tmp_path):
     assert "| 2 of 2 |" in text  # logits above the Baseline on the two seeds it has
     saved = json.loads(out.read_text())
     assert saved["tuning"]["rows"]["FM"]["mean"] == pytest.approx(100 * np.mean(holdout["fm"]))
+
+
+def test_unused_split_evaluates_each_kept_model_once(cr, dirs, tmp_path):
+    rows, _, _ = dirs
+    unused = {"a": [0.70, 0.69, 0.72], "b": [0.71, 0.71, 0.70]}  # FM (in a), Logits (in b)
+    for folder, values in unused.items():
+        for s, v in zip((1, 2, 3), values):
+            model = tmp_path / folder / f"relu/seed{s}/w2/pq+ts+guided_fp_first_last/stages/last/model.keras"
+            model.parent.mkdir(parents=True)
+            model.write_text(str(v))  # the stand-in evaluator reads its top-1 from here
+    calls, notes = [], []
+
+    def evaluate(model_dir, split):
+        calls.append((model_dir, split))
+        return {"top1": float(open(f"{model_dir}/stages/last/model.keras").read()), "top5": 1.0,
+                "loss": 0.5}
+
+    def run():
+        return cr.compare([cr.parse_row(r) for r in rows], [("Logits", "FM")], seeds=[1, 2, 3],
+                          bits=2, evaluate=evaluate, note=notes.append)
+
+    result = run()
+    t = result["unused"]
+    assert result["splits"] == ["tuning", "reported", "unused"]
+    assert t["rows"]["FM"]["per_seed"] == pytest.approx({1: 70.0, 2: 69.0, 3: 72.0})
+    assert t["rows"]["Baseline"]["per_seed"] == {1: None, 2: None, 3: None}  # no model kept
+    assert len(notes) == 3 and all("final model was not kept" in n for n in notes)
+    assert t["rows"]["Logits"]["per_seed"][3] is None  # unfinished row: not evaluated
+    (change,) = t["changes"]
+    want = 100 * (np.array(unused["b"][:2]) - unused["a"][:2])
+    assert list(change["per_seed"].values()) == pytest.approx(want)
+    assert change["interval"] == pytest.approx(t_interval(want))
+    assert len(calls) == 5 and {split for _, split in calls} == {"unused"}
+    kept = json.loads((tmp_path / "a/relu/seed2/w2/pq+ts+guided_fp_first_last/unused.json").read_text())
+    assert kept["top1"] == 0.69 and kept["final_model"] == "stages/last/model.keras"
+    assert "**unused training images (validation)**" in cr.format_comparison(result)
+
+    calls.clear()
+    assert run()["unused"] == t and not calls  # read back, not evaluated again
+    model = tmp_path / "a/relu/seed1/w2/pq+ts+guided_fp_first_last/stages/last/model.keras"
+    model.write_text("0.5")  # a rerun row: a new model, evaluated again
+    os.utime(model, ns=(1, 1))
+    assert run()["unused"]["rows"]["FM"]["per_seed"][1] == pytest.approx(50.0)
+    assert [c for c, _ in calls] == [str(model.parent.parent.parent)]
+
+    def broken(model_dir, split):
+        raise ValueError("data moved")
+
+    model.write_text("0.4")
+    os.utime(model, ns=(2, 2))
+    with pytest.raises(cr.CompareError, match="cannot evaluate on the unused images: data moved"):
+        cr.compare([cr.parse_row(rows[1])], [], seeds=[1], bits=2, evaluate=broken, note=notes.append)
 
 
 @pytest.mark.parametrize("argv,match", [
