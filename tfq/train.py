@@ -548,7 +548,8 @@ def _write_logs(run):
         plots.stage_curves(rows, tmp, title=f"{run.cfg.model} on {run.cfg.dataset}")
 
 
-def _load_model(path):
+def _load_model(path, hint=" (--init_from takes a .keras file or a finished tfq model_dir)"):
+    """The model of a ``.keras`` file, or the final model of a finished run's folder."""
     import keras
 
     from tfq import runstate
@@ -561,8 +562,9 @@ def _load_model(path):
                 raise ValueError("missing")
             path = runstate.final_model_path(path, results)
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            raise ConfigError(f"{results_path}: {e} (--init_from takes a .keras file or a "
-                              "finished tfq model_dir)") from None
+            raise ConfigError(f"{results_path}: {e}{hint}") from None
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: the run's final model is not there (not kept, or moved)")
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for unreadable files
@@ -894,17 +896,7 @@ def evaluate_run(model_dir, split, batch_size=256):
     cfg = dataclasses.replace(
         TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                        for k, v in stored.items() if k in known}), model_dir=model_dir)
-    results_path = os.path.join(model_dir, "results.json")
-    results = runstate.read_json(results_path)
-    try:
-        if results is None:
-            raise ValueError("missing (no stage of the run has finished)")
-        path = runstate.final_model_path(model_dir, results)
-    except ValueError as e:
-        raise ConfigError(f"{results_path}: {e}") from None
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: the run's final model is not there (not kept, or moved)")
-    model = _load_model(path)
+    model = _load_model(model_dir, hint=" (no stage of the run has finished?)")
     opts = dict(cfg.data_options)
     info = data.info(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts)
     mean = _mean(cfg, _Run(cfg, writable=False), info, opts)
