@@ -184,10 +184,9 @@ def split_records(source, split, *, holdout=0, limit=None, seed=0):
         if limit is None:
             raise DataError(f"split {UNUSED!r} is the training examples left out by `limit` "
                             "(and `holdout`): it needs limit")
-        records = source.records(source.canonical_split("train"))
-        if holdout > 0:
-            records = _take(records, holdout, k, seed, select.HOLDOUT, keep=False)
-        records = _take(records, limit, k, seed, select.LIMIT, keep=False)
+        # the complement, within what "train" leaves after the holdout, of its limit subset
+        records = _take(split_records(source, "train", holdout=holdout, seed=seed), limit, k,
+                        seed, select.LIMIT, keep=False)
         if not len(records):
             raise DataError(f"split {UNUSED!r} is empty: limit={limit} (with holdout={holdout}) "
                             "takes every training example")
