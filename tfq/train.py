@@ -636,9 +636,10 @@ def _train_locked(cfg, run, strategy, out):
                                   training=True, limit=cfg.train_limit,
                                   skip_corrupt=cfg.skip_corrupt, **common)
     eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
-                                 training=False, limit=_split_limit(cfg, cfg.eval_split), **common)
+                                 training=False, **common,
+                                 limit=_split_limit(cfg, cfg.eval_split, cfg.eval_limit))
     test_ds = (distribute.dataset(strategy, cfg.dataset, cfg.test_split, cfg.batch_size,
-                                  training=False, limit=_split_limit(cfg, cfg.test_split, False),
+                                  training=False, limit=_split_limit(cfg, cfg.test_split, None),
                                   **common) if cfg.test_split else None)
     input_shape = tuple(info.image_shape)
     plan = plan_run(cfg)
@@ -727,18 +728,10 @@ def _train_locked(cfg, run, strategy, out):
     return _write_results(run, plan)
 
 
-def _split_limit(cfg, split, is_eval_split=None):
-    """The ``limit`` a run's pipeline for ``split`` takes.
-
-    ``"unused"`` is defined by the training subset it leaves out, so it takes
-    ``train_limit``; the per-epoch validation split keeps ``eval_limit``; the test split
-    is whole.
-    """
-    if split == UNUSED:
-        return cfg.train_limit
-    if is_eval_split is None:
-        is_eval_split = split == cfg.eval_split
-    return cfg.eval_limit if is_eval_split else None
+def _split_limit(cfg, split, limit):
+    """The ``limit`` a run's pipeline for ``split`` takes: ``limit``, except for
+    ``"unused"``, which is defined by the training subset it leaves out."""
+    return cfg.train_limit if split == UNUSED else limit
 
 
 def _mean(cfg, run, info, opts, out=print):
@@ -900,9 +893,10 @@ def evaluate_run(model_dir, split, batch_size=256):
     opts = dict(cfg.data_options)
     info = data.info(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts)
     mean = _mean(cfg, _Run(cfg, writable=False), info, opts)
+    limit = _split_limit(cfg, split, cfg.eval_limit if split == cfg.eval_split else None)
     ds = data.build_dataset(cfg.dataset, split, data_dir=cfg.data_dir, batch_size=batch_size,
                             image_size=cfg.image_size, mean=mean, holdout=cfg.holdout,
-                            seed=cfg.seed, limit=_split_limit(cfg, split), **opts)
+                            seed=cfg.seed, limit=limit, **opts)
     with data.translate_errors():
         return evaluate(model, ds)
 
