@@ -184,6 +184,26 @@ def test_resume_after_kill(tmp_path):
     epochs = [int(line.split(",")[2]) for line in (d / "log.csv").read_text().splitlines()[1:]]
     assert epochs == [1, 1, 2, 3, 1, 2, 3]  # every epoch logged exactly once
 
+    # Each process that trained is on record, with where it started; every epoch
+    # names the process that ran it.
+    import platform
+
+    import keras
+
+    state = json.loads((d / "state.json").read_text())
+    first, second = state["processes"]
+    assert first["from"] == {"stage": "00_fp", "epoch": 0}
+    assert second["from"] == {"stage": key, "epoch": resumed_from}
+    assert first["pid"] == proc.pid and second["pid"] not in (proc.pid, os.getpid())
+    for p in (first, second):
+        assert p["host"] == platform.node() and p["cores"] == os.cpu_count() and p["cpu"]
+        assert (p["tensorflow"], p["keras"]) == (tf.__version__, keras.__version__)
+        assert p["started"].endswith("+00:00")
+    assert first["started"] <= second["started"]
+    ran_by = {k: [h["process"] for h in st["history"]] for k, st in state["stages"].items()}
+    assert ran_by == {"00_fp": [0], "ts/01_w4a32": [0, 0, 0],
+                      key: [0] * resumed_from + [1] * (3 - resumed_from)}
+
 
 def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from tfq import distribute

@@ -12,7 +12,10 @@ full-precision pretraining stage runs once and every method starts from it.
 Layout of ``model_dir``::
 
   config.json         the resolved config (a rerun must match it)
-  state.json          what has finished: the source of truth for resuming
+  state.json          what has finished: the source of truth for resuming; also
+                      "processes", one entry per process that trained in this run
+                      (start time, host, CPU, library versions, where it started),
+                      and each epoch's "process" index in the stage histories
   mean.npy            the per-pixel mean the input pipeline subtracts
   results.json        per stage: method, name, bits, epochs, top-1, top-5, loss, wall
                       time, model path; "final_model": the last method's final model
@@ -406,6 +409,20 @@ class _Run:
         self.rs = runstate
         self.state_path = os.path.join(self.dir, "state.json")
         self.state = runstate.read_json(self.state_path, {"stages": {}})
+        self.process = None  # this process's index in state["processes"], once it trains
+
+    def note_process(self, key, epoch):
+        """Records this process in the run's state the first time it trains; returns
+        its index, which every epoch it runs carries (``history[i]["process"]``).
+
+        A run continued across sessions or machines is then traceable: which epochs
+        each process ran, where it resumed, on which CPU and library versions.
+        """
+        if self.process is None:
+            processes = self.state.setdefault("processes", [])
+            processes.append({**_environment(), "from": {"stage": key, "epoch": epoch}})
+            self.process = len(processes) - 1
+        return self.process
 
     def stage_dir(self, key):
         return os.path.join(self.dir if self.writable else self.scratch, "stages", key)
@@ -435,6 +452,37 @@ class _Run:
                 )
         if self.writable:
             self.rs.write_json(path, new)
+
+
+def _environment():
+    """Where and with what this process trains: time, host, CPU, versions."""
+    import datetime
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    import tfq
+
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(), "pid": os.getpid(),
+        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "tfq": tfq.__version__,
+    }
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _norm(v):
@@ -511,7 +559,8 @@ def _callbacks(run, key, stage, ckpt_dir):
             st["checkpoint"] = os.path.relpath(path, run.dir)
             st["epochs_done"] = epoch + 1
             st["history"].append({"epoch": epoch + 1, "lr": schedule.lr,
-                                  "time_s": time.time() - self.t0, **logs})
+                                  "time_s": time.time() - self.t0, **logs,
+                                  "process": run.process})
             for old in glob.glob(os.path.join(ckpt_dir, "epoch_*.weights.h5")):
                 if old != path:
                     os.unlink(old)
@@ -805,6 +854,7 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out, te
 
     callbacks += data.callbacks_for(train_ds, eval_ds)
     if initial_epoch < stage.epochs:
+        run.note_process(key, initial_epoch)
         with data.translate_errors():  # a corrupt image surfaces as a DataError naming it
             trainee.fit(train_ds, validation_data=eval_ds, epochs=stage.epochs,
                         initial_epoch=initial_epoch, steps_per_epoch=cfg.steps_per_epoch,
