@@ -200,6 +200,45 @@ def test_determinism_same_seed_same_batches(cifar_dir):
     assert a[0][0].min() >= -1 and a[0][0].max() <= 1
 
 
+@pytest.mark.parametrize("source", ["folder", "digits"])
+def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifar_dir):
+    """With ``epoch=`` a training pass depends on (seed, epoch) only, not on how many
+    passes the dataset made before: a resumed run can replay any epoch exactly."""
+    kwargs = (dict(data_dir=cifar_dir, batch_size=40) if source == "folder"
+              else dict(limit=64, batch_size=16))  # 120 / 64 examples: no partial batch
+    epoch = tf.Variable(0, dtype=tf.int64)
+
+    def build(**kw):
+        return tfq.data.build_dataset(source, "train", training=True, seed=5,
+                                      deterministic=True, **{"epoch": epoch, **kwargs, **kw})
+
+    ds, passes = build(), []
+    for e in range(3):
+        epoch.assign(e)
+        passes.append(collect(ds))
+    fresh = build()
+    for e in (2, 0, 1):
+        epoch.assign(e)
+        x, y = collect(fresh)
+        np.testing.assert_array_equal(x, passes[e][0])
+        np.testing.assert_array_equal(y, passes[e][1])
+    assert not np.array_equal(passes[0][0], passes[1][0])
+    assert not np.array_equal(passes[0][1], passes[1][1])  # a new order, not only new crops
+    # Every example exactly once per pass: without augmentation a pass is a
+    # permutation of the evaluation pipeline's images.
+    plain = build(pad=0, flip=False)
+    reference = collect(tfq.data.build_dataset(source, "train", seed=5, **kwargs))
+    for e in (0, 7):
+        epoch.assign(e)
+        x, y = collect(plain)
+        key = lambda xs, ys: sorted((int(b), a.tobytes()) for a, b in zip(xs, ys))  # noqa: E731
+        assert key(x, y) == key(*reference)
+    with pytest.raises(DataError, match="scalar integer tf.Variable"):
+        build(epoch=3)
+    with pytest.raises(DataError, match="scalar integer tf.Variable"):
+        tfq.data.build_dataset(source, "train", epoch=tf.Variable(0.0), **kwargs)
+
+
 def test_cifar_augmentation_is_padded_crop_or_flip(cifar_dir):
     kwargs = dict(data_dir=cifar_dir, mean="none", limit=20, batch_size=20, seed=1)
     x0, y0 = collect(tfq.data.build_dataset("folder", "train", **kwargs))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numbers
 
+import tensorflow as tf
+
 from tfq.data import core, pipeline
 from tfq.data.errors import DataError
 from tfq.data.skip import SkipCounter, attach
@@ -54,7 +56,7 @@ def info(name, data_dir=None, *, image_size=None, limit=None, holdout=0, downloa
 def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False, seed=0,
                   deterministic=False, image_size=None, mean=_MEAN_DEFAULT, limit=None,
                   holdout=0, skip_corrupt=False, download=False, input_context=None,
-                  drop_remainder=None, **source_options):
+                  drop_remainder=None, epoch=None, **source_options):
     """A batched, prefetched ``tf.data.Dataset`` of ``(images, labels)``.
 
     ``images``: float32 [B, H, W, 3] = pixel / 255 - mean, in [-1, 1]; ``labels``:
@@ -89,6 +91,13 @@ def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False,
       input_context: a ``tf.distribute.InputContext``: shard the data for this input
         pipeline (``distributed_dataset`` passes it).
       drop_remainder: drop a last partial batch (default: when ``training``).
+      epoch: None, or a scalar integer ``tf.Variable`` holding the number of the pass
+        about to start: each pass of a training pipeline then takes its order and
+        augmentation from ``(seed, epoch)`` alone, read when the pass starts, instead
+        of from how many passes this dataset has made. Set it before each epoch
+        (``tfq.train`` sets the run's global epoch), and a run resumed at an epoch
+        boundary sees the very passes an uninterrupted run would have. In-memory and
+        file sources; record streams (TFRecord, tfds) keep reshuffling per pass.
       **source_options: see ``info``; also ``shuffle_buffer`` (record streams, 4096).
 
     Returns:
@@ -100,6 +109,9 @@ def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False,
       DataError: unknown name, split or option, or missing / malformed data.
     """
     limit, holdout = _common_checks(seed, limit, holdout)
+    if epoch is not None and not (isinstance(epoch, tf.Variable) and epoch.dtype.is_integer
+                                  and epoch.shape.rank == 0):
+        raise DataError(f"epoch must be None or a scalar integer tf.Variable; got {epoch!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise DataError(f"batch_size must be an int >= 1; got {batch_size!r}")
     source, common = pipeline.open_source(name, data_dir, download, **source_options)
@@ -114,7 +126,7 @@ def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False,
         records, geometry, mean_array, batch_size=int(batch_size), training=bool(training),
         seed=int(seed), deterministic=bool(deterministic), counter=counter,
         input_context=input_context, drop_remainder=drop_remainder,
-        shuffle_buffer=shuffle_buffer,
+        shuffle_buffer=shuffle_buffer, epoch=epoch,
     )
     return attach(ds, [counter]) if counter is not None else ds
 

@@ -228,22 +228,38 @@ def _shard(ds, input_context):
     return ds
 
 
+def _permuted(values, r, seed):
+    """A dataset of ``values`` (int64 tensor) in the order ``RandomIndexShuffle``
+    gives for seeds ``(r, seed)``."""
+    last = tf.size(values, tf.int64) - 1
+    seeds = tf.stack([r, tf.constant(seed, tf.int64), tf.constant(0, tf.int64)])
+    return tf.data.Dataset.range(last + 1).map(
+        lambda pos: tf.gather(values, tf.raw_ops.RandomIndexShuffle(index=pos, seed=seeds,
+                                                                    max_index=last)))
+
+
 def _batches(records, geometry, *, batch_size, training, seed, deterministic, counter,
-             input_context, drop_remainder, shuffle_buffer):
+             input_context, drop_remainder, shuffle_buffer, epoch):
     """A dataset of (uint8 [B, h, w, c], int32 [B]) batches."""
     if isinstance(records, core.ArrayRecords):
         n = len(records)
         images = tf.constant(records.images)
         labels = tf.constant(records.labels, tf.int32)
         ds = _shard(tf.data.Dataset.range(n), input_context)
-        if training:
+        if training and epoch is not None:
+            # A permutation drawn from the pass's seed alone, as for files.
+            mine = list(ds.batch(max(n, 1)).as_numpy_iterator())
+            mine = tf.constant(mine[0] if mine else np.zeros([0], np.int64))
+            ds = robust.pass_randoms(seed, epoch).take(1).flat_map(
+                lambda r: _permuted(mine, r, seed))
+        elif training:
             ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         return ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)),
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if isinstance(records, core.FileRecords):
         ds, expected = robust.files(records, geometry, training=training, seed=seed,
-                                    input_context=input_context, counter=counter)
+                                    input_context=input_context, counter=counter, epoch=epoch)
     else:
         ds, expected = robust.streams(records, geometry, training=training, seed=seed,
                                       deterministic=deterministic, input_context=input_context,
@@ -259,18 +275,19 @@ def _batches(records, geometry, *, batch_size, training, seed, deterministic, co
 
 def make_pipeline(records, geometry, mean, *, batch_size, training, seed=0, deterministic=False,
                   counter=None, input_context=None, drop_remainder=None,
-                  shuffle_buffer=DEFAULT_SHUFFLE_BUFFER):
+                  shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, epoch=None):
     """The full pipeline over ``records`` (see ``build_dataset``)."""
+    if isinstance(records, core.StreamRecords):
+        epoch = None  # shard and buffer shuffles of record streams follow the pass count
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     # Evaluation always keeps the listing order: predictions line up with files.
     deterministic = bool(deterministic) or not training
     ds = _batches(records, geometry, batch_size=batch_size, training=training, seed=seed,
                   deterministic=deterministic, counter=counter, input_context=input_context,
-                  drop_remainder=drop_remainder, shuffle_buffer=shuffle_buffer)
+                  drop_remainder=drop_remainder, shuffle_buffer=shuffle_buffer, epoch=epoch)
     mean_t = None if mean is None else tf.constant(mean, tf.float32)
     if training:
-        randoms = tf.data.Dataset.random(seed=seed + _BATCH_SEED_OFFSET,
-                                         rerandomize_each_iteration=True)
+        randoms = robust.pass_randoms(seed + _BATCH_SEED_OFFSET, epoch)
         ds = tf.data.Dataset.zip(ds, randoms).map(
             lambda batch, r: (preprocess.finish_batch(batch[0], geometry, mean_t, True,
                                                       tf.stack([r, tf.constant(0, tf.int64)])),

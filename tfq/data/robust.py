@@ -12,6 +12,10 @@ files hold (a record lost to a read error is never dropped silently either).
 File lists are shuffled with a stateless permutation (``RandomIndexShuffle`` seeded by the
 epoch's random seed and ``seed``), so the file at any position is known and named
 exactly. Record streams remember the previous record's origin instead.
+
+Each pass over a training pipeline draws its random seeds from ``pass_randoms``: by
+default a new draw per pass, or, given an epoch variable, a function of the epoch
+number alone, so that a resumed run sees the same passes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -94,8 +98,38 @@ def _robust_map(ds, load, names_of_previous, counter, expected_total, origin):
     return ds.filter(lambda e: tf.logical_not(e["last"]))
 
 
-def files(records, geometry, *, training, seed, input_context, counter):
+def pass_randoms(seed, epoch=None):
+    """An endless stream of int64 random numbers, drawn anew for every pass.
+
+    Args:
+      seed: int.
+      epoch: None: each iteration over the dataset (each pass) gets a new stream,
+        following the number of passes made so far by this dataset object. An int64
+        ``tf.Variable``: each pass's stream is a function of ``(seed, epoch)`` read
+        when the pass starts (its first element), whatever happened before, so the
+        caller decides which pass is which (``tfq.train`` sets the run's global epoch).
+    """
+    if epoch is None:
+        return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    base = tf.constant(seed, tf.int64)
+
+    def draw(key):
+        return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+
+    def stream(e):
+        key = draw(tf.stack([base, e]))
+        return tf.data.Dataset.range(tf.int64.max).map(lambda i: draw(tf.stack([key, i])))
+
+    # Read when a pass starts (its first element is asked for), not when built.
+    now = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
+        lambda _: tf.cast(epoch.read_value(), tf.int64))
+    return now.flat_map(stream)
+
+
+def files(records, geometry, *, training, seed, input_context, counter, epoch=None):
     """(uint8 image [H, W, 3], int32 label) of image files, shuffled when training.
+
+    ``epoch``: as ``pass_randoms``.
 
     Returns:
       ``(dataset, number of files of this input pipeline)``.
@@ -113,7 +147,7 @@ def files(records, geometry, *, training, seed, input_context, counter):
     seed_t = tf.constant(seed, tf.int64)
     h, w = geometry.size
     if training:
-        epochs = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        epochs = pass_randoms(seed, epoch).take(1)
     else:
         epochs = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
     ds = epochs.flat_map(lambda epoch: tf.data.Dataset.range(n + 1).map(
