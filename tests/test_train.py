@@ -160,7 +160,13 @@ def wait_for(path, pred, proc, timeout=300):
 
 def test_resume_after_kill(tmp_path):
     d = tmp_path / "run"
-    args = TINY + [f"--model_dir={d}", "--method=ts", "--pretrain_epochs=1", "--epochs=3"]
+    # Whole passes over a 96-image subset (3 batches), deterministic ops and pipeline:
+    # the resumed run must end with the very weights of an uninterrupted one.
+    args = [a for a in TINY if not a.startswith("--steps_per_epoch")] + [
+        "--train_limit=96", "--deterministic", "--method=ts", "--pretrain_epochs=1", "--epochs=3"]
+    whole = cli(args + [f"--model_dir={tmp_path / 'whole'}"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = args + [f"--model_dir={d}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
     proc = subprocess.Popen([sys.executable, "-m", "tfq.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -203,6 +209,17 @@ def test_resume_after_kill(tmp_path):
     ran_by = {k: [h["process"] for h in st["history"]] for k, st in state["stages"].items()}
     assert ran_by == {"00_fp": [0], "ts/01_w4a32": [0, 0, 0],
                       key: [0] * resumed_from + [1] * (3 - resumed_from)}
+    # ... and which pass over the data it saw: the run's epoch, counted across stages.
+    passes = [h["data_pass"] for k in ("00_fp", "ts/01_w4a32", key)
+              for h in state["stages"][k]["history"]]
+    assert passes == list(range(7))
+
+    # The same result as without the kill: every pass (order, crops, flips) belongs to
+    # its epoch of the run, not to how many passes this process has made.
+    final = keras.models.load_model(d / res["final_model"])
+    reference = keras.models.load_model(tmp_path / "whole" / res["final_model"])
+    for w, r in zip(final.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(w.numpy(), r.numpy(), err_msg=w.path)
 
 
 def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

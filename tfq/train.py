@@ -15,7 +15,8 @@ Layout of ``model_dir``::
   state.json          what has finished: the source of truth for resuming; also
                       "processes", one entry per process that trained in this run
                       (start time, host, CPU, library versions, where it started),
-                      and each epoch's "process" index in the stage histories
+                      and each epoch's "process" index and "data_pass" in the
+                      stage histories
   mean.npy            the per-pixel mean the input pipeline subtracts
   results.json        per stage: method, name, bits, epochs, top-1, top-5, loss, wall
                       time, model path; "final_model": the last method's final model
@@ -29,8 +30,10 @@ Fault tolerance: after every epoch the weights and optimizer state are written t
 new checkpoint file, then ``state.json`` is atomically updated to point at it, then
 older checkpoints are deleted. A run killed at any moment and restarted with the same
 command resumes from the last completed epoch of the current stage and never reruns a
-finished stage. A NaN or infinite loss stops the stage with a message; the last good
-checkpoint stays in place.
+finished stage. Each epoch's pass over the data is drawn from the seed and the run's
+epoch number (the pipeline's ``epoch`` variable), so resumed epochs see the same data
+order and augmentation as an uninterrupted run. A NaN or infinite loss stops the stage
+with a message; the last good checkpoint stays in place.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import dataclasses
 import functools
 import glob
 import io
+import itertools
 import math
 import os
 import shutil
@@ -410,6 +414,11 @@ class _Run:
         self.state_path = os.path.join(self.dir, "state.json")
         self.state = runstate.read_json(self.state_path, {"stages": {}})
         self.process = None  # this process's index in state["processes"], once it trains
+        # The input pipeline's pass number (see tfq.data.build_dataset's ``epoch``) and
+        # each stage's first epoch in the run: the pass an epoch gets never depends on
+        # where the run was interrupted.
+        self.data_epoch = None
+        self.first_epoch = {}
 
     def note_process(self, key, epoch):
         """Records this process in the run's state the first time it trains; returns
@@ -539,6 +548,15 @@ def _callbacks(run, key, stage, ckpt_dir):
 
     schedule, guard = StageSchedule(), NanGuard()
 
+    class DataEpoch(keras.callbacks.Callback):
+        """Tells the training pipeline which of the run's passes this epoch is."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.seen = run.first_epoch[key] + epoch
+            run.data_epoch.assign(self.seen)
+
+    data_epoch = DataEpoch()
+
     class EpochCheckpoint(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.time()
@@ -560,7 +578,7 @@ def _callbacks(run, key, stage, ckpt_dir):
             st["epochs_done"] = epoch + 1
             st["history"].append({"epoch": epoch + 1, "lr": schedule.lr,
                                   "time_s": time.time() - self.t0, **logs,
-                                  "process": run.process})
+                                  "process": run.process, "data_pass": data_epoch.seen})
             for old in glob.glob(os.path.join(ckpt_dir, "epoch_*.weights.h5")):
                 if old != path:
                     os.unlink(old)
@@ -568,7 +586,7 @@ def _callbacks(run, key, stage, ckpt_dir):
                 run.save_state()
                 _write_logs(run)
 
-    return [schedule, guard, EpochCheckpoint()], guard
+    return [data_epoch, schedule, guard, EpochCheckpoint()], guard
 
 
 def _write_logs(run):
@@ -666,14 +684,13 @@ def train(cfg, out=print):
 
 def _train_locked(cfg, run, strategy, out):
     import keras
+    import tensorflow as tf
 
     from tfq import calibration, data, distribute, models, precision
 
     run.check_config()
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
-        import tensorflow as tf
-
         tf.config.experimental.enable_op_determinism()
     opts = dict(cfg.data_options)
     info = data.info(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, **opts)
@@ -681,8 +698,9 @@ def _train_locked(cfg, run, strategy, out):
     common = dict(data_dir=cfg.data_dir, image_size=cfg.image_size, mean=mean,
                   holdout=cfg.holdout, download=cfg.download, seed=cfg.seed,
                   deterministic=cfg.deterministic, **opts)
+    run.data_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     train_ds = distribute.dataset(strategy, cfg.dataset, "train", cfg.batch_size,
-                                  training=True, limit=cfg.train_limit,
+                                  training=True, limit=cfg.train_limit, epoch=run.data_epoch,
                                   skip_corrupt=cfg.skip_corrupt, **common)
     eval_ds = distribute.dataset(strategy, cfg.dataset, cfg.eval_split, cfg.batch_size,
                                  training=False, **common,
@@ -692,6 +710,8 @@ def _train_locked(cfg, run, strategy, out):
                                   **common) if cfg.test_split else None)
     input_shape = tuple(info.image_shape)
     plan = plan_run(cfg)
+    run.first_epoch = dict(zip((key for _, key, _ in plan),
+                               itertools.accumulate((s.epochs for _, _, s in plan), initial=0)))
     if run.writable:
         out(f"tfq: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, input {input_shape}), "
             f"methods {', '.join(cfg.methods)}, target W{cfg.w_bits}A{cfg.a_bits}"
