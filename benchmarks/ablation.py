@@ -12,7 +12,9 @@ of N epochs, e.g. ``baseline@10`` and ``baseline@12`` for TS and PQ at 2 bits un
 so a kill loses at most the current epoch of one row: rerunning this script with the
 same options skips finished rows (their ``results.json`` says ``complete``), reuses
 their numbers, and reruns an unfinished row with the same command, which the CLI
-resumes from its last completed epoch.
+resumes from its last completed epoch, with the data passes (order, augmentation) an
+uninterrupted row would have seen (rows run before commit 4a6d84a drew each pass
+from the process's pass count instead, so where they were interrupted changed them).
 
 All rows of one seed (and FP activation) start from ONE full-precision model, trained
 once (``--method=fp --epochs=<fp_epochs>``) in its own model_dir and handed to every
