@@ -552,10 +552,7 @@ def _callbacks(run, key, stage, ckpt_dir):
         """Tells the training pipeline which of the run's passes this epoch is."""
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.seen = run.first_epoch[key] + epoch
-            run.data_epoch.assign(self.seen)
-
-    data_epoch = DataEpoch()
+            run.data_epoch.assign(run.first_epoch[key] + epoch)
 
     class EpochCheckpoint(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -578,7 +575,8 @@ def _callbacks(run, key, stage, ckpt_dir):
             st["epochs_done"] = epoch + 1
             st["history"].append({"epoch": epoch + 1, "lr": schedule.lr,
                                   "time_s": time.time() - self.t0, **logs,
-                                  "process": run.process, "data_pass": data_epoch.seen})
+                                  "process": run.process,
+                                  "data_pass": int(run.data_epoch.numpy())})
             for old in glob.glob(os.path.join(ckpt_dir, "epoch_*.weights.h5")):
                 if old != path:
                     os.unlink(old)
@@ -586,7 +584,7 @@ def _callbacks(run, key, stage, ckpt_dir):
                 run.save_state()
                 _write_logs(run)
 
-    return [data_epoch, schedule, guard, EpochCheckpoint()], guard
+    return [DataEpoch(), schedule, guard, EpochCheckpoint()], guard
 
 
 def _write_logs(run):
