@@ -229,13 +229,12 @@ def _shard(ds, input_context):
 
 
 def _permuted(values, r, seed):
-    """A dataset of ``values`` (int64 tensor) in the order ``RandomIndexShuffle``
-    gives for seeds ``(r, seed)``."""
+    """A dataset of ``values`` (int64 tensor) in the pass's order drawn from ``(r, seed)``,
+    the permutation file lists get (``robust.permuted_index``)."""
     last = tf.size(values, tf.int64) - 1
-    seeds = tf.stack([r, tf.constant(seed, tf.int64), tf.constant(0, tf.int64)])
+    seed_t = tf.constant(seed, tf.int64)
     return tf.data.Dataset.range(last + 1).map(
-        lambda pos: tf.gather(values, tf.raw_ops.RandomIndexShuffle(index=pos, seed=seeds,
-                                                                    max_index=last)))
+        lambda pos: tf.gather(values, robust.permuted_index(pos, r, seed_t, last)))
 
 
 def _batches(records, geometry, *, batch_size, training, seed, deterministic, counter,

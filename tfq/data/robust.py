@@ -126,6 +126,15 @@ def pass_randoms(seed, epoch=None):
     return now.flat_map(stream)
 
 
+def permuted_index(pos, r, seed, last):
+    """Where position ``pos`` of a pass goes in its permutation of ``0 .. last``, the
+    permutation drawn from the pass's random number ``r`` and ``seed`` (int64 tensors;
+    ``pos`` and ``r`` scalars or vectors of one shape, e.g. a group of elements)."""
+    # shape [3] or [K, 3]: the op's own seed layout
+    seeds = tf.stack([r, tf.ones_like(r) * seed, tf.zeros_like(r)], axis=-1)
+    return tf.raw_ops.RandomIndexShuffle(index=pos, seed=seeds, max_index=last)
+
+
 def files(records, geometry, *, training, seed, input_context, counter, epoch=None):
     """(uint8 image [H, W, 3], int32 label) of image files, shuffled when training.
 
@@ -157,10 +166,7 @@ def files(records, geometry, *, training, seed, input_context, counter, epoch=No
         pos = tf.clip_by_value(pos, 0, n - 1)
         if not training:
             return pos
-        # shape [3] or [K, 3] (one element or a group): the op's own seed layout
-        seeds = tf.stack([epoch, tf.ones_like(epoch) * seed_t, tf.zeros_like(epoch)], axis=-1)
-        return tf.raw_ops.RandomIndexShuffle(index=pos, seed=seeds,
-                                             max_index=tf.constant(n - 1, tf.int64))
+        return permuted_index(pos, epoch, seed_t, tf.constant(n - 1, tf.int64))
 
     def load(e):
         index = index_of(e["pos"], e["epoch"])
