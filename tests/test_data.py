@@ -14,7 +14,8 @@ import tensorflow as tf
 import tfq.data
 from tfq.data import DataError
 
-from test_data_helpers import CIFAR_TAR, FASHION_DIR, extract_cifar, write
+from test_data_helpers import (CIFAR_TAR, FASHION_DIR, WNIDS, extract_cifar, imagenet_shards,
+                               write)
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]
@@ -200,12 +201,25 @@ def test_determinism_same_seed_same_batches(cifar_dir):
     assert a[0][0].min() >= -1 and a[0][0].max() <= 1
 
 
-@pytest.mark.parametrize("source", ["folder", "digits"])
-def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifar_dir):
+@pytest.mark.parametrize("source", ["folder", "digits", "tfrecord", "tfrecord_limit"])
+def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifar_dir,
+                                                                    tmp_path):
     """With ``epoch=`` a training pass depends on (seed, epoch) only, not on how many
     passes the dataset made before: a resumed run can replay any epoch exactly."""
-    kwargs = (dict(data_dir=cifar_dir, batch_size=40) if source == "folder"
-              else dict(limit=64, batch_size=16))  # 120 / 64 examples: no partial batch
+    if source.startswith("tfrecord"):
+        # 4 shards of 6 and a buffer of 4: the order is mostly the shard order. ImageNet's
+        # random resized crops are drawn per record, pad-crops and flips per batch.
+        imagenet_shards(str(tmp_path), "train", 4, 6)
+        write(str(tmp_path / "synsets.txt"), "\n".join(WNIDS).encode())
+        kwargs = dict(data_dir=str(tmp_path), image_size=32, shuffle_buffer=4, batch_size=8)
+        plain_kw = dict(augment="pad_crop", image_size=(40, 48), pad=0, flip=False)
+        if source == "tfrecord_limit":  # a selected stream: fixed read order, then shuffled
+            kwargs.update(limit=12, batch_size=4)
+        source = "imagenet"
+    else:
+        kwargs = (dict(data_dir=cifar_dir, batch_size=40) if source == "folder"
+                  else dict(limit=64, batch_size=16))  # 120 / 64 examples: no partial batch
+        plain_kw = dict(pad=0, flip=False)
     epoch = tf.Variable(0, dtype=tf.int64)
 
     def build(**kw):
@@ -229,8 +243,9 @@ def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifa
     def contents(xs, ys):
         return sorted((int(label), image.tobytes()) for image, label in zip(xs, ys))
 
-    plain = build(pad=0, flip=False)
-    reference = contents(*collect(tfq.data.build_dataset(source, "train", seed=5, **kwargs)))
+    plain = build(**plain_kw)
+    reference = contents(*collect(tfq.data.build_dataset(source, "train", seed=5,
+                                                         **{**kwargs, **plain_kw})))
     for e in (0, 7):
         epoch.assign(e)
         assert contents(*collect(plain)) == reference

@@ -96,8 +96,10 @@ def build_dataset(name, split, *, data_dir=None, batch_size=128, training=False,
         augmentation from ``(seed, epoch)`` alone, read when the pass starts, instead
         of from how many passes this dataset has made. Set it before each epoch
         (``tfq.train`` sets the run's global epoch), and a run resumed at an epoch
-        boundary sees the very passes an uninterrupted run would have. In-memory and
-        file sources; record streams (TFRecord, tfds) keep reshuffling per pass.
+        boundary sees the very passes an uninterrupted run would have. In-memory,
+        file and TFRecord sources (shard order, shuffle buffer and augmentation);
+        tfds keys its buffer and augmentation, but its own file order still
+        reshuffles per pass (tfds takes one fixed shuffle seed).
       **source_options: see ``info``; also ``shuffle_buffer`` (record streams, 4096).
 
     Returns:

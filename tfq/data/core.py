@@ -93,6 +93,9 @@ class ReadPlan:
       seed: the shuffle seed.
       deterministic: keep the read order reproducible.
       input_context: a ``tf.distribute.InputContext`` to shard files by, or None.
+      epoch: None, or the pipeline's epoch variable: a source that can should then
+        draw each pass's file order from ``(seed, epoch)``
+        (``tfq.data.robust.shuffled``) instead of reshuffling per pass.
     """
 
     shuffle: bool
@@ -100,6 +103,7 @@ class ReadPlan:
     seed: int
     deterministic: bool
     input_context: object = None
+    epoch: object = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -228,15 +228,6 @@ def _shard(ds, input_context):
     return ds
 
 
-def _permuted(values, r, seed):
-    """A dataset of ``values`` (int64 tensor) in the pass's order drawn from ``(r, seed)``,
-    the permutation file lists get (``robust.permuted_index``)."""
-    last = tf.size(values, tf.int64) - 1
-    seed_t = tf.constant(seed, tf.int64)
-    return tf.data.Dataset.range(last + 1).map(
-        lambda pos: tf.gather(values, robust.permuted_index(pos, r, seed_t, last)))
-
-
 def _batches(records, geometry, *, batch_size, training, seed, deterministic, counter,
              input_context, drop_remainder, shuffle_buffer, epoch):
     """A dataset of (uint8 [B, h, w, c], int32 [B]) batches."""
@@ -249,8 +240,7 @@ def _batches(records, geometry, *, batch_size, training, seed, deterministic, co
             # A permutation drawn from the pass's seed alone, as for files.
             mine = list(ds.batch(max(n, 1)).as_numpy_iterator())
             mine = tf.constant(mine[0] if mine else np.zeros([0], np.int64))
-            ds = robust.pass_randoms(seed, epoch).take(1).flat_map(
-                lambda r: _permuted(mine, r, seed))
+            ds = robust.shuffled(mine, seed, epoch)
         elif training:
             ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -262,7 +252,8 @@ def _batches(records, geometry, *, batch_size, training, seed, deterministic, co
     else:
         ds, expected = robust.streams(records, geometry, training=training, seed=seed,
                                       deterministic=deterministic, input_context=input_context,
-                                      shuffle_buffer=shuffle_buffer, counter=counter)
+                                      shuffle_buffer=shuffle_buffer, counter=counter,
+                                      epoch=epoch)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if counter is None and expected is not None:
         # Nothing can be dropped silently, so the batch count is known: Keras shows
@@ -276,8 +267,6 @@ def make_pipeline(records, geometry, mean, *, batch_size, training, seed=0, dete
                   counter=None, input_context=None, drop_remainder=None,
                   shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, epoch=None):
     """The full pipeline over ``records`` (see ``build_dataset``)."""
-    if isinstance(records, core.StreamRecords):
-        epoch = None  # shard and buffer shuffles of record streams follow the pass count
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     # Evaluation always keeps the listing order: predictions line up with files.
     deterministic = bool(deterministic) or not training

@@ -126,6 +126,19 @@ def pass_randoms(seed, epoch=None):
     return now.flat_map(stream)
 
 
+def shuffled(values, seed, epoch=None):
+    """A dataset of the 1-D tensor ``values`` in a new order every pass: a permutation
+    drawn from the first number of the pass's ``pass_randoms(seed, epoch)`` (the one
+    file lists get, ``permuted_index``), so with an epoch variable it is a function of
+    ``(seed, epoch)``."""
+    values = tf.convert_to_tensor(values)
+    last = tf.size(values, tf.int64) - 1
+    seed_t = tf.constant(seed, tf.int64)
+    return pass_randoms(seed, epoch).take(1).flat_map(
+        lambda r: tf.data.Dataset.range(last + 1).map(
+            lambda pos: tf.gather(values, permuted_index(pos, r, seed_t, last))))
+
+
 def permuted_index(pos, r, seed, last):
     """Where position ``pos`` of a pass goes in its permutation of ``0 .. last``, the
     permutation drawn from the pass's random number ``r`` and ``seed`` (int64 tensors;
@@ -187,22 +200,35 @@ def files(records, geometry, *, training, seed, input_context, counter, epoch=No
 
 
 def streams(records, geometry, *, training, seed, deterministic, input_context, shuffle_buffer,
-            counter):
+            counter, epoch=None):
     """(uint8 image [H, W, 3], int32 label) of a record stream; also checks each record's
     ``problem`` (missing feature, impossible label) whatever ``skip_corrupt`` says.
+
+    ``epoch``: as ``pass_randoms``; it keys the shuffle buffer and each record's
+    augmentation, and the source's file order where the source supports it
+    (``core.ReadPlan.epoch``).
 
     Returns:
       ``(dataset, number of records expected, or None when unknown)``.
     """
     plan = core.ReadPlan(shuffle=training, fixed_order_seed=None, seed=seed,
                          deterministic=deterministic,
-                         input_context=None if records.selected else input_context)
+                         input_context=None if records.selected else input_context,
+                         epoch=epoch if training else None)
     ds, expected = records.open(plan)
     if records.selected and input_context is not None and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        if epoch is None:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        else:
+            # The pass's first number seeds its buffer shuffle; the rest, its records.
+            unshuffled = ds
+            ds = pass_randoms(seed, epoch).take(1).flat_map(
+                lambda r: unshuffled.shuffle(shuffle_buffer, seed=r,
+                                             reshuffle_each_iteration=False))
+            randoms = pass_randoms(seed, epoch).skip(1)
         ds = tf.data.Dataset.zip(ds, randoms).map(lambda e, r: {**e, "seed": r})
     else:
         ds = ds.map(lambda e: {**e, "seed": tf.constant(0, tf.int64)})

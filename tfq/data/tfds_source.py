@@ -141,6 +141,8 @@ def open_tfds(name, tfds_name, data_dir, download, options, *, label_key=None, m
             fixed = plan.fixed_order_seed is not None
             opts = tf.data.Options()
             opts.deterministic = plan.deterministic or fixed
+            # plan.epoch is not used: tfds's file shuffle takes one seed when built, so
+            # its file order reshuffles per pass (the pipeline keys the buffer itself).
             read_config = tfds.ReadConfig(
                 shuffle_seed=plan.fixed_order_seed if fixed else plan.seed,
                 shuffle_reshuffle_each_iteration=not fixed,

@@ -23,7 +23,7 @@ import struct
 import numpy as np
 import tensorflow as tf
 
-from tfq.data import core, select
+from tfq.data import core, robust, select
 from tfq.data.errors import DataError
 from tfq.data.files import atomic_write, cache_path, file_size
 
@@ -208,7 +208,9 @@ def stream(files, synsets, class_names, split):
         if fixed:
             chosen = list(select.rng(plan.fixed_order_seed, select.ORDER).permutation(chosen))
         names = tf.data.Dataset.from_tensor_slices(chosen)
-        if plan.shuffle and not fixed:
+        if plan.shuffle and not fixed and plan.epoch is not None:
+            names = robust.shuffled(chosen, plan.seed, plan.epoch)
+        elif plan.shuffle and not fixed:
             names = names.shuffle(len(chosen), seed=plan.seed, reshuffle_each_iteration=True)
         deterministic = plan.deterministic or fixed
 
