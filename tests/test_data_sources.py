@@ -273,6 +273,23 @@ def test_tfds_sources_under_mock_data(tmp_path):
         xt, yt = collect(tfq.data.build_dataset("tfds:cifar10", "train", training=True,
                                                 batch_size=4, seed=1, mean="none"))
         assert xt.shape == (8, 32, 32, 3) and 0 <= xt.min() and xt.max() <= 1
+        # With an epoch variable the shuffle buffer and crops follow (seed, epoch); the
+        # mock has one file, so tfds's own per-pass file order cannot interfere.
+        epoch = tf.Variable(0, dtype=tf.int64)
+
+        def keyed():
+            return tfq.data.build_dataset("tfds:cifar10", "train", training=True, batch_size=5,
+                                          seed=1, mean="none", shuffle_buffer=10,
+                                          deterministic=True, epoch=epoch)
+
+        first, second = [], keyed()
+        ds = keyed()
+        for e in range(2):
+            epoch.assign(e)
+            first.append(collect(ds))
+        epoch.assign(1)
+        np.testing.assert_array_equal(collect(second)[0], first[1][0])
+        assert not np.array_equal(first[0][1], first[1][1])
         # streams take the first records per class: fewer when classes run short
         held = collect(tfq.data.build_dataset("tfds:cifar10", "holdout", holdout=3, seed=4,
                                               mean="none"))[0]
