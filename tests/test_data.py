@@ -289,7 +289,8 @@ def test_limit_is_class_balanced_and_repeatable():
     c = _fingerprint("digits", "train", limit=50, seed=8)
     assert a == b and a != c and len(a) == 50
     assert np.all(np.bincount([lab for lab, _ in a], minlength=10) == 5)
-    assert tfq.data.info("digits", limit=50).split_sizes == {"train": 50, "test": 50}
+    assert tfq.data.info("digits", limit=50).split_sizes == {"train": 50, "test": 50,
+                                                             "unused": 1438 - 50}
 
 
 def test_holdout_is_disjoint_from_train_and_repeatable():
@@ -302,7 +303,7 @@ def test_holdout_is_disjoint_from_train_and_repeatable():
     limited = _fingerprint("digits", "train", holdout=100, limit=40, seed=2)
     assert len(limited) == 40 and limited <= train
     sizes = tfq.data.info("digits", holdout=100, limit=40).split_sizes
-    assert sizes == {"train": 40, "test": 40, "holdout": 40}
+    assert sizes == {"train": 40, "test": 40, "holdout": 40, "unused": 1438 - 100 - 40}
 
 
 def test_unused_is_every_training_image_holdout_and_limit_leave_out():
@@ -313,7 +314,9 @@ def test_unused_is_every_training_image_holdout_and_limit_leave_out():
     kw = dict(holdout=100, limit=40, seed=2)
     full, hold, train, unused = (images("train"), images("holdout", holdout=100, seed=2),
                                  images("train", **kw), images("unused", **kw))
-    assert len(unused) == len(full) - 140
+    sizes = tfq.data.info("digits", holdout=100, limit=40).split_sizes
+    assert len(unused) == len(full) - 140 == sizes["unused"]
+    assert "unused" not in tfq.data.info("digits", limit=len(full)).split_sizes
     assert sorted(hold + train + unused) == sorted(full)  # a partition, duplicates included
     assert unused == images("unused", **kw)
     assert sorted(images("unused", limit=40, seed=2) + train) != sorted(full)  # holdout matters

@@ -252,7 +252,7 @@ def test_tfrecord_holdout_and_limit_are_disjoint_and_repeatable(tmp_path):
     unused = fingerprint("unused", holdout=6, limit=6, seed=1)
     assert len(unused) == 9 and sorted(hold + limited + unused) == full
     sizes = tfq.data.info("imagenet", holdout=6, limit=6, data_dir=str(root)).split_sizes
-    assert sizes == {"train": 6, "holdout": 6}
+    assert sizes == {"train": 6, "holdout": 6, "unused": len(unused)}
 
 
 # ----------------------------------------------------------------------------- tfds (mocked)

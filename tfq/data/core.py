@@ -40,7 +40,8 @@ class DatasetInfo:
       image_shape: ``(H, W, 3)`` of the images as fed to the model.
       class_names: class names; index ``i`` of a label is ``class_names[i]``.
       split_sizes: examples per split after ``limit``/``holdout`` (``"holdout"`` is
-        present only with ``holdout > 0``).
+        present only with ``holdout > 0``; ``"unused"``, the training examples
+        ``limit`` leaves out, only when it leaves some).
       source: the layout found and where (for logs).
     """
 
