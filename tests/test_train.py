@@ -105,6 +105,8 @@ def parse():
         (["--test_split=unused"], "needs --train_limit"),
         (["--eval_split=unused", "--train_limit=100", "--eval_limit=50"], "does not apply"),
         (["--data_option=novalue"], "key=value"),
+        (["--data_option=pad=two"], "pad must be an integer; got 'two'"),
+        (["--data_option=flip=maybe"], "flip must be true or false"),
         (["--bits=32", "--method=baseline"], "below 32"),
     ],
 )
@@ -158,12 +160,25 @@ def wait_for(path, pred, proc, timeout=300):
     raise AssertionError("timed out")
 
 
-def test_resume_after_kill(tmp_path):
+@pytest.mark.parametrize("source", ["digits", "tfrecord"])
+def test_resume_after_kill(tmp_path, source):
     d = tmp_path / "run"
-    # Whole passes over a 96-image subset (3 batches), deterministic ops and pipeline:
-    # the resumed run must end with the very weights of an uninterrupted one.
+    # Whole passes over 96 images (3 batches), deterministic ops and pipeline: the
+    # resumed run must end with the very weights of an uninterrupted one.
     args = [a for a in TINY if not a.startswith("--steps_per_epoch")] + [
-        "--train_limit=96", "--deterministic", "--method=ts", "--pretrain_epochs=1", "--epochs=3"]
+        "--deterministic", "--method=ts", "--pretrain_epochs=1", "--epochs=3"]
+    if source == "digits":
+        args.append("--train_limit=96")
+    else:  # ImageNet-layout shards: shard order, shuffle buffer and crops are per pass
+        from test_data_helpers import WNIDS, imagenet_shards, write
+
+        shards = tmp_path / "shards"
+        imagenet_shards(str(shards), "train", 4, 24)
+        imagenet_shards(str(shards), "validation", 1, 12, seed=7)
+        write(str(shards / "synsets.txt"), "\n".join(WNIDS).encode())
+        args = [a for a in args if a != "--dataset=digits"] + [
+            "--dataset=imagenet", f"--data_dir={shards}", "--image_size=32",
+            "--data_option=shuffle_buffer=16"]
     whole = cli(args + [f"--model_dir={tmp_path / 'whole'}"])
     assert whole.returncode == 0, whole.stderr[-3000:]
     args = args + [f"--model_dir={d}"]

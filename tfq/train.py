@@ -322,6 +322,8 @@ def _layer_names(model, options):
 
 def config_from_flags(f=FLAGS):
     """Maps parsed flags to a validated ``TrainConfig`` (the only reader of FLAGS)."""
+    from tfq import data
+
     w_bits, a_bits = (f.bits, f.bits) if f.bits is not None else (f.w_bits, f.a_bits)
 
     def ints(name, values):
@@ -334,7 +336,11 @@ def config_from_flags(f=FLAGS):
     for item in f.data_option:
         if "=" not in item:
             raise ConfigError(f"--data_option must be key=value; got {item!r}")
-        options.append(tuple(item.split("=", 1)))
+        key, value = item.split("=", 1)
+        try:
+            options.append((key, data.option_from_text(key, value)))
+        except data.DataError as e:
+            raise ConfigError(f"--data_option={item}: {e}") from None
     cfg = TrainConfig(
         model=f.model, dataset=f.dataset, data_dir=f.data_dir, data_options=tuple(options),
         download=f.download, train_limit=f.train_limit, eval_limit=f.eval_limit,
@@ -495,7 +501,13 @@ def _cpu_model():
 
 
 def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
+    """A config value as config.json gives it back: tuples, at any depth, are lists
+    (``data_options`` is a tuple of pairs)."""
+    if isinstance(v, (tuple, list)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v
 
 
 def _verbose(cfg):

@@ -19,7 +19,7 @@ Example:
 """
 
 from tfq.data.api import build_dataset, distributed_dataset, info, pixel_mean
-from tfq.data.core import DatasetInfo
+from tfq.data.core import DatasetInfo, option_from_text
 from tfq.data.errors import DataError, translate_errors
 from tfq.data.pipeline import check_name, names
 from tfq.data.skip import SkipCounter, SkippedImagesReport, callbacks_for
@@ -27,6 +27,6 @@ from tfq.data.skip import counters_of as skip_counters
 
 __all__ = [
     "names", "check_name", "info", "build_dataset", "pixel_mean", "distributed_dataset",
-    "DatasetInfo", "DataError", "translate_errors",
+    "DatasetInfo", "DataError", "translate_errors", "option_from_text",
     "SkipCounter", "SkippedImagesReport", "skip_counters", "callbacks_for",
 ]

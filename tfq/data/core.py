@@ -212,6 +212,30 @@ class Source:
         )
 
 
+_INT_OPTIONS = ("pad", "resize", "shuffle_buffer")
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def option_from_text(key, text):
+    """A source option given as text (a command line's ``key=value``) as
+    ``build_dataset`` takes it: ``pad``, ``resize`` and ``shuffle_buffer`` become ints,
+    ``flip`` a bool (true/false, yes/no, 1/0); every other option stays text.
+
+    Raises:
+      DataError: the text is not a value of the option's type.
+    """
+    if key in _INT_OPTIONS:
+        try:
+            return int(text)
+        except ValueError:
+            raise DataError(f"option {key} must be an integer; got {text!r}") from None
+    if key == "flip":
+        if text.strip().lower() in _TRUE + _FALSE:
+            return text.strip().lower() in _TRUE
+        raise DataError(f"option flip must be true or false; got {text!r}")
+    return text
+
+
 class Options:
     """Source options (``**source_options``), consumed one by one.
 

@@ -225,9 +225,15 @@ def streams(records, geometry, *, training, seed, deterministic, input_context, 
         else:
             # The pass's first number seeds its buffer shuffle; the rest, its records.
             unshuffled = ds
-            ds = pass_randoms(seed, epoch).take(1).flat_map(
-                lambda r: unshuffled.shuffle(shuffle_buffer, seed=r,
-                                             reshuffle_each_iteration=False))
+
+            def shuffle_pass(r):
+                # A graph-level seed of this function's own: with a global seed of 0
+                # (tf.random.set_seed(0)) TF's seed helper would test the tensor `r`
+                # as a Python bool; this also keeps the order independent of it.
+                tf.compat.v1.set_random_seed(1)
+                return unshuffled.shuffle(shuffle_buffer, seed=r, reshuffle_each_iteration=False)
+
+            ds = pass_randoms(seed, epoch).take(1).flat_map(shuffle_pass)
             randoms = pass_randoms(seed, epoch).skip(1)
         ds = tf.data.Dataset.zip(ds, randoms).map(lambda e, r: {**e, "seed": r})
     else:
