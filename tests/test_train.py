@@ -118,6 +118,14 @@ def test_bad_flags_rejected_before_any_work(parse, argv, match):
         parse(*argv)
 
 
+def test_data_options_from_the_command_line_are_typed(parse):
+    cfg = parse("--data_option=pad=2", "--data_option=flip=No", "--data_option=resize=40",
+                "--data_option=label_mode=coarse")
+    assert cfg.data_options == (("pad", 2), ("flip", False), ("resize", 40),
+                                ("label_mode", "coarse"))
+    assert parse("--data_option=flip=TRUE").data_options == (("flip", True),)
+
+
 def test_guidance_layers_checked_before_any_work(parse):
     # What --guidance_layers names must be layers of the model, for any guided method.
     for method in ("guided", "pq+ts+guided"):
