@@ -399,8 +399,10 @@ def test_cli_model_dir_end_to_end(trained, tmp_path):
     (run / "stage").mkdir(parents=True)
     keras.models.load_model(trained[2]).save(run / "stage" / "final.keras")
     (run / "results.json").write_text(json.dumps({"final_model": "stage/final.keras"}))
+    # Agreement on the run's own tuning split: its holdout of 150 (seed 3).
     (run / "config.json").write_text(json.dumps({"dataset": "digits", "data_dir": None,
-                                                 "image_size": None, "eval_split": "test"}))
+                                                 "image_size": None, "eval_split": "holdout",
+                                                 "holdout": 150, "seed": 3}))
     np.save(run / "mean.npy", MEAN)
     out = tmp_path / "out"
     proc = _cli(f"--model={run}", f"--out_dir={out}", "--num_examples=200",
@@ -411,9 +413,37 @@ def test_cli_model_dir_end_to_end(trained, tmp_path):
     assert names == ["final.tfqpack", "final_export.json", "final_float.tflite",
                      "final_uint8.tflite"]
     report = json.loads((out / "final_export.json").read_text())
-    assert report["agreement"]["examples"] == 200
+    assert report["agreement"]["examples"] == 150
     assert report["int8"]["io_dtype"] == "uint8"
     assert report["agreement"]["int8"]["top1_agreement"] >= 0.99
+
+
+def test_dataset_arrays_follow_the_runs_holdout_and_unused_splits():
+    from tfq.export.source import dataset_arrays
+
+    import tfq.data
+
+    def pairs(x, y):
+        return sorted((int(lab), np.round(img, 4).tobytes()) for img, lab in zip(x, y))
+
+    run = dict(holdout=100, train_limit=300, seed=3, mean="none")
+    x, y = dataset_arrays("digits", "holdout", num_examples=1000, **run)
+    ref = [(a.numpy(), b.numpy()) for a, b in tfq.data.build_dataset(
+        "digits", "holdout", holdout=100, seed=3, mean="none", batch_size=1000)][0]
+    assert len(x) == 100 and pairs(x, y) == pairs(*ref)
+    # a sample of the run's unused images: none it trained on or tuned on, seeded
+    ux, uy = dataset_arrays("digits", "unused", num_examples=50, **run)
+    assert len(ux) == 50 and (ux[:5] == dataset_arrays("digits", "unused", num_examples=50,
+                                                       **run)[0][:5]).all()
+    seen = set(pairs(x, y)) | set(pairs(*[(a.numpy(), b.numpy()) for a, b in tfq.data.build_dataset(
+        "digits", "train", holdout=100, limit=300, seed=3, mean="none", batch_size=2000)][0]))
+    assert not set(pairs(ux, uy)) & seen
+    ex, ey = [(a.numpy(), b.numpy()) for a, b in tfq.data.build_dataset(
+        "digits", "unused", holdout=100, limit=300, seed=3, mean="none", batch_size=2000)][0]
+    assert set(pairs(ux, uy)) <= set(pairs(ex, ey))
+    assert pairs(ux, uy) != pairs(ex[:50], ey[:50])  # drawn across the split, not its head
+    with pytest.raises(ExportError, match="split 'holdout'.*needs holdout"):
+        dataset_arrays("digits", "holdout", mean="none")
 
 
 def test_cli_rejects_bad_input(tmp_path):

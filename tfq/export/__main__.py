@@ -6,8 +6,10 @@ Examples::
     python -m tfq.export --model=model.keras --out_dir=export/ --dataset=digits --packed
     python -m tfq.export --model=model.keras --out_dir=export/ --npz=val.npz --uint8
 
-With a training ``model_dir`` the dataset, data dir, image size and mean image of
-the run are used unless flags override them. Data give the agreement figures
+With a training ``model_dir`` the dataset, data dir, data options, image size and
+mean image of the run are used unless flags override them, and its splits are its
+own: ``holdout`` and ``unused`` as the run drew them (its ``--holdout``,
+``--train_limit`` and ``--seed``). Data give the agreement figures
 (``--split``, ``--num_examples``) and the int8 ranges of full-precision parts
 (``--calibration_split``, ``--num_calibration``). The report is printed and
 written next to the models as ``<name>_export.json``. Exit status: 0 on success,
@@ -125,8 +127,11 @@ def resolve_data(src):
     mean = src.mean
     if mean is None and cfg.get("mean") == "none":
         mean = "none"
-    options = dict(cfg.get("data_options") or []) if not FLAGS.dataset else {}
-    common = dict(data_dir=data_dir, image_size=image_size, mean=mean, options=options)
+    common = dict(data_dir=data_dir, image_size=image_size, mean=mean)
+    if not FLAGS.dataset:  # the run's own data: its options, and its holdout and subsets
+        common.update(options=dict(cfg.get("data_options") or []),
+                      holdout=cfg.get("holdout") or 0, train_limit=cfg.get("train_limit"),
+                      seed=cfg.get("seed") or 0)
     val = source.dataset_arrays(name, split, num_examples=FLAGS.num_examples, **common)
     rep_x, _ = source.dataset_arrays(name, FLAGS.calibration_split,
                                      num_examples=FLAGS.num_calibration, **common)

@@ -189,22 +189,49 @@ def as_arrays(data, limit=None, what="data"):
 
 
 def dataset_arrays(name, split, *, data_dir=None, num_examples=None, image_size=None,
-                   mean=None, options=None):
-    """Images and labels of a ``tfq.data`` split, as arrays (evaluation pipeline)."""
+                   mean=None, options=None, holdout=0, train_limit=None, seed=0):
+    """Images and labels of a ``tfq.data`` split, as arrays (evaluation pipeline).
+
+    ``holdout``, ``train_limit`` and ``seed`` are a training run's: they define its
+    ``"holdout"`` split, what ``"train"`` leaves after it, and its ``"unused"`` split
+    (the training examples its ``train_limit`` subset left out). ``num_examples`` of a
+    larger split are a class-balanced subset; of ``"unused"``, a seeded random one.
+    """
     from tfq import data as tfq_data  # the data package is only needed here
+    from tfq.data.pipeline import UNUSED
 
     kwargs = dict(data_dir=data_dir, **(options or {}))
     params = inspect.signature(tfq_data.build_dataset).parameters
     if image_size is not None and "image_size" in params:
         kwargs["image_size"] = image_size
+    splits = dict(holdout=holdout, limit=train_limit if split == UNUSED else None)
     try:
-        sizes = tfq_data.info(name, **kwargs).split_sizes
-        if num_examples is not None and num_examples < sizes.get(split, num_examples + 1):
-            kwargs["limit"] = num_examples  # a class-balanced subset, not the first N files
+        size = tfq_data.info(name, **kwargs, **splits).split_sizes.get(split)
         if mean is not None:
             kwargs["mean"] = mean
-        ds = tfq_data.build_dataset(name, split, batch_size=256, training=False, **kwargs)
+        subset = num_examples is not None and size is not None and num_examples < size
+        if subset and split != UNUSED:
+            splits["limit"] = num_examples  # a class-balanced subset, not the first N files
+        ds = tfq_data.build_dataset(name, split, batch_size=256, training=False, seed=seed,
+                                    **kwargs, **splits)
         with tfq_data.translate_errors():
+            if subset and split == UNUSED:  # `limit` names the training subset here
+                ds = _sample(ds, size, num_examples, seed)
             return as_arrays(ds, num_examples, what=f"dataset {name}:{split}")
     except tfq_data.DataError as e:
         raise ExportError(f"dataset {name!r} split {split!r}: {e}") from None
+
+
+def _sample(ds, n, k, seed):
+    """``k`` of the ``n`` examples ``ds`` yields, drawn at random (seeded), in order."""
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(seed).choice(n, k, replace=False)] = True
+    xs, ys, start = [], [], 0
+    for x, y in ds:
+        chosen = np.zeros(len(x), bool)
+        part = keep[start:start + len(x)]
+        chosen[:len(part)] = part
+        xs.append(np.asarray(x)[chosen])
+        ys.append(np.asarray(y)[chosen])
+        start += len(x)
+    return np.concatenate(xs), np.concatenate(ys)
