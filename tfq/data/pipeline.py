@@ -211,14 +211,16 @@ def split_sizes(source, *, holdout=0, limit=None):
     with ``"unused"`` when ``limit`` leaves training examples out. Record streams may
     hold fewer than ``limit`` when classes run short (see ``split_records``)."""
     sizes = dict(source.split_sizes)
-    train = source.canonical_split("train") if (
-        "train" in sizes or "train" in source.aliases) else None
     if holdout > 0:
+        train = source.canonical_split("train")
         taken = min(holdout, sizes[train])
         sizes[train] -= taken
         sizes["holdout"] = taken
     if limit is not None:
-        left_out = sizes[train] - min(limit, sizes[train]) if train in sizes else 0
+        left_out = 0
+        if "train" in sizes or "train" in source.aliases:
+            train = source.canonical_split("train")
+            left_out = sizes[train] - min(limit, sizes[train])
         sizes = {s: min(n, limit) for s, n in sizes.items()}
         if left_out:
             sizes[UNUSED] = left_out
