@@ -426,20 +426,20 @@ def test_dataset_arrays_follow_the_runs_holdout_and_unused_splits():
     def pairs(x, y):
         return sorted((int(lab), np.round(img, 4).tobytes()) for img, lab in zip(x, y))
 
+    def split(name, **kw):  # the whole split in one batch, straight from tfq.data
+        ds = tfq.data.build_dataset("digits", name, seed=3, mean="none", batch_size=2000, **kw)
+        return [(a.numpy(), b.numpy()) for a, b in ds][0]
+
     run = dict(holdout=100, train_limit=300, seed=3, mean="none")
     x, y = dataset_arrays("digits", "holdout", num_examples=1000, **run)
-    ref = [(a.numpy(), b.numpy()) for a, b in tfq.data.build_dataset(
-        "digits", "holdout", holdout=100, seed=3, mean="none", batch_size=1000)][0]
-    assert len(x) == 100 and pairs(x, y) == pairs(*ref)
+    assert len(x) == 100 and pairs(x, y) == pairs(*split("holdout", holdout=100))
     # a sample of the run's unused images: none it trained on or tuned on, seeded
     ux, uy = dataset_arrays("digits", "unused", num_examples=50, **run)
-    assert len(ux) == 50 and (ux[:5] == dataset_arrays("digits", "unused", num_examples=50,
-                                                       **run)[0][:5]).all()
-    seen = set(pairs(x, y)) | set(pairs(*[(a.numpy(), b.numpy()) for a, b in tfq.data.build_dataset(
-        "digits", "train", holdout=100, limit=300, seed=3, mean="none", batch_size=2000)][0]))
+    again = dataset_arrays("digits", "unused", num_examples=50, **run)[0]
+    assert len(ux) == 50 and (ux == again).all()
+    seen = set(pairs(x, y)) | set(pairs(*split("train", holdout=100, limit=300)))
     assert not set(pairs(ux, uy)) & seen
-    ex, ey = [(a.numpy(), b.numpy()) for a, b in tfq.data.build_dataset(
-        "digits", "unused", holdout=100, limit=300, seed=3, mean="none", batch_size=2000)][0]
+    ex, ey = split("unused", holdout=100, limit=300)
     assert set(pairs(ux, uy)) <= set(pairs(ex, ey))
     assert pairs(ux, uy) != pairs(ex[:50], ey[:50])  # drawn across the split, not its head
     with pytest.raises(ExportError, match="split 'holdout'.*needs holdout"):
