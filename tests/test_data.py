@@ -230,6 +230,11 @@ def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifa
     for e in range(3):
         epoch.assign(e)
         passes.append(collect(ds))
+    # The batch count stays known (Keras would otherwise train on a padded zero batch),
+    # except where it never was: a limited stream can hold fewer than its limit.
+    batches = len(passes[0][1]) // kwargs["batch_size"]
+    limited_stream = source == "imagenet" and "limit" in kwargs
+    assert int(ds.cardinality()) == (tf.data.UNKNOWN_CARDINALITY if limited_stream else batches)
     fresh = build()
     for e in (2, 0, 1):
         epoch.assign(e)
@@ -253,6 +258,18 @@ def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifa
         build(epoch=3)
     with pytest.raises(DataError, match="scalar integer tf.Variable"):
         tfq.data.build_dataset(source, "train", epoch=tf.Variable(0.0), **kwargs)
+
+
+def test_keras_takes_one_step_per_batch_of_an_epoch_keyed_pipeline():
+    """A pass of unknown length makes Keras pad it with an all-zero batch and train on
+    it; an epoch-keyed pipeline must keep its length known."""
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = tfq.data.build_dataset("digits", "train", training=True, batch_size=64, epoch=epoch)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(ds, epochs=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2 * (1438 // 64)
 
 
 def test_cifar_augmentation_is_padded_crop_or_flip(cifar_dir):
