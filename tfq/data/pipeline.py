@@ -247,14 +247,11 @@ def _batches(records, geometry, *, batch_size, training, seed, deterministic, co
         if training and epoch is not None:
             # A permutation drawn from the pass's seed alone, as for files.
             mine = list(ds.batch(max(n, 1)).as_numpy_iterator())
-            mine = mine[0] if mine else np.zeros([0], np.int64)
-            ds = robust.shuffled(tf.constant(mine), seed, epoch)
-            ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-            ds = ds.apply(_known_count(_batch_count(len(mine), batch_size, drop_remainder)))
-        else:
-            if training:
-                ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
-            ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+            mine = tf.constant(mine[0] if mine else np.zeros([0], np.int64))
+            ds = robust.shuffled(mine, seed, epoch)
+        elif training:
+            ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         return ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)),
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if isinstance(records, core.FileRecords):
@@ -269,22 +266,9 @@ def _batches(records, geometry, *, batch_size, training, seed, deterministic, co
     if counter is None and expected is not None:
         # Nothing can be dropped silently, so the batch count is known: Keras shows
         # progress bars with totals and never warns about running out of data.
-        ds = ds.apply(_known_count(_batch_count(expected, batch_size, drop_remainder)))
+        batches = expected // batch_size if drop_remainder else -(-expected // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds
-
-
-def _batch_count(n, batch_size, drop_remainder):
-    return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def _known_count(batches):
-    """States a pipeline's batch count where tf.data lost it (a per-pass ``flat_map``).
-
-    Keras pads a pass of unknown length with one extra all-zero batch of the full batch
-    shape (tf.distribute's end-of-data handling) and trains on it, so every training
-    pipeline whose length is known must say so.
-    """
-    return tf.data.experimental.assert_cardinality(batches)
 
 
 def make_pipeline(records, geometry, mean, *, batch_size, training, seed=0, deterministic=False,
@@ -299,15 +283,12 @@ def make_pipeline(records, geometry, mean, *, batch_size, training, seed=0, dete
                   drop_remainder=drop_remainder, shuffle_buffer=shuffle_buffer, epoch=epoch)
     mean_t = None if mean is None else tf.constant(mean, tf.float32)
     if training:
-        known = tf.get_static_value(ds.cardinality())
         randoms = robust.pass_randoms(seed + _BATCH_SEED_OFFSET, epoch)
         ds = tf.data.Dataset.zip(ds, randoms).map(
             lambda batch, r: (preprocess.finish_batch(batch[0], geometry, mean_t, True,
                                                       tf.stack([r, tf.constant(0, tf.int64)])),
                               batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-        if known is not None and known >= 0:  # the zip with a per-pass stream loses it
-            ds = ds.apply(_known_count(int(known)))
     else:
         ds = ds.map(lambda x, y: (preprocess.finish_batch(x, geometry, mean_t, False), y),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)

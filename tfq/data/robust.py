@@ -123,7 +123,10 @@ def pass_randoms(seed, epoch=None):
     # Read when a pass starts (its first element is asked for), not when built.
     now = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
         lambda _: tf.cast(epoch.read_value(), tf.int64))
-    return now.flat_map(stream)
+    # flat_map hides the length; a pipeline zipped with this stream keeps its own only
+    # if the stream says it is endless (see ``shuffled`` for why lengths matter).
+    return now.flat_map(stream).apply(
+        tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
 
 def shuffled(values, seed, epoch=None):
@@ -134,9 +137,12 @@ def shuffled(values, seed, epoch=None):
     values = tf.convert_to_tensor(values)
     last = tf.size(values, tf.int64) - 1
     seed_t = tf.constant(seed, tf.int64)
+    # flat_map hides the length, and Keras pads a pass of unknown length with one
+    # all-zero batch (tf.distribute's end-of-data handling) and trains on it.
     return pass_randoms(seed, epoch).take(1).flat_map(
         lambda r: tf.data.Dataset.range(last + 1).map(
-            lambda pos: tf.gather(values, permuted_index(pos, r, seed_t, last))))
+            lambda pos: tf.gather(values, permuted_index(pos, r, seed_t, last)))).apply(
+        tf.data.experimental.assert_cardinality(last + 1))
 
 
 def permuted_index(pos, r, seed, last):
