@@ -15,8 +15,8 @@ their numbers, and reruns an unfinished row with the same command, which the CLI
 resumes from its last completed epoch, with the data passes (order, augmentation) an
 uninterrupted row would have seen (rows run before commit 4a6d84a drew each pass
 from the process's pass count instead, so where they were interrupted changed them;
-rows run from 4a6d84a until 1dc68d8 also trained on one padded all-zero batch per
-epoch, see BENCHMARKS.md).
+rows run from 4a6d84a until 1dc68d8 also took one extra optimizer call per epoch
+that applied weight decay and nothing else, see BENCHMARKS.md).
 
 All rows of one seed (and FP activation) start from ONE full-precision model, trained
 once (``--method=fp --epochs=<fp_epochs>``) in its own model_dir and handed to every

@@ -261,8 +261,9 @@ def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifa
 
 
 def test_keras_takes_one_step_per_batch_of_an_epoch_keyed_pipeline():
-    """A pass of unknown length makes Keras pad it with an all-zero batch and train on
-    it; an epoch-keyed pipeline must keep its length known."""
+    """Keras calls the train step once more after a pass of unknown length (its
+    weight decay and counts run; see tfq.steps); an epoch-keyed pipeline keeps its
+    length known."""
     epoch = tf.Variable(0, dtype=tf.int64)
     ds = tfq.data.build_dataset("digits", "train", training=True, batch_size=64, epoch=epoch)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),

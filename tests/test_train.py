@@ -274,6 +274,41 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert all(np.isfinite(w).all() for w in m.get_weights())
 
 
+def test_a_training_pipeline_of_unknown_length_trains_like_a_known_one(tmp_path, monkeypatch):
+    """Keras calls the train step once more after a pass of unknown length (skipped
+    corrupt images, a limited or sharded stream); that call must change nothing: same
+    weights, same logged training metrics as the same batches with a known length."""
+    import keras
+
+    from tfq import distribute
+
+    x = np.random.default_rng(0).uniform(-1, 1, (96, 8, 8, 3)).astype("float32")
+    y = np.arange(96) % 10
+    known = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+    unknown = known.unbatch().filter(lambda a, b: True).batch(32, drop_remainder=True)
+    runs = {}
+    for name, train_ds in (("known", known), ("unknown", unknown)):
+        monkeypatch.setattr(distribute, "dataset", lambda strategy, dataset, split, batch,
+                            training=False, _ds=train_ds, **kw: _ds if training else known)
+        cfg = tr.validate(tr.TrainConfig(
+            model="resnet20", dataset="digits", methods=("fp", "guided"), pretrain_epochs=1,
+            epochs=2, lr=0.05, pretrain_lr=0.05, weight_decay=0.05, batch_size=32,
+            mean="none", seed=1, model_dir=str(tmp_path / name), verbose="0"))
+        keras.utils.set_random_seed(1)
+        tr.train(cfg, out=lambda *a: None)
+        runs[name] = tmp_path / name
+    logs = {k: (d / "log.csv").read_text().splitlines() for k, d in runs.items()}
+    header = logs["known"][0].split(",")
+    for row_known, row_unknown in zip(logs["known"][1:], logs["unknown"][1:], strict=True):
+        for col, a, b in zip(header, row_known.split(","), row_unknown.split(",")):
+            if col in ("accuracy", "loss", "top5", "fp_accuracy", "val_accuracy") and a:
+                np.testing.assert_allclose(float(b), float(a), rtol=1e-5, err_msg=col)
+    final = json.loads((runs["known"] / "results.json").read_text())["final_model"]
+    a, b = (keras.models.load_model(runs[k] / final) for k in ("known", "unknown"))
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-4, atol=1e-6, err_msg=wa.path)
+
+
 def test_atomic_write_survives_a_crash_mid_write(tmp_path):
     target = tmp_path / "state.json"
     runstate.write_json(target, {"epoch": 1})

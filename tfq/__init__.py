@@ -9,7 +9,7 @@ import os as _os
 # TensorFlow's C++ start-up chatter buries the messages users need; let users opt back in.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfq import layers, models, precision, quantizers  # noqa: E402
+from tfq import layers, models, precision, quantizers, steps  # noqa: E402
 from tfq.layers import InputQuantizer, QActivation, QConv2D, QDense, Scalar  # noqa: E402
 from tfq.precision import Precision, get_precision, set_precision  # noqa: E402
 from tfq.guided import GuidedModel  # noqa: E402
@@ -17,7 +17,7 @@ from tfq.guided import GuidedModel  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "layers", "models", "precision", "quantizers",
+    "layers", "models", "precision", "quantizers", "steps",
     "QConv2D", "QDense", "QActivation", "InputQuantizer", "Scalar",
     "Precision", "set_precision", "get_precision", "GuidedModel",
 ]

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tfq import layers as qlayers
 from tfq.models import registry
+from tfq.steps import after_batch
 
 GUIDANCE_NORMS = ("mean", "sum")
 
@@ -199,6 +200,10 @@ class GuidedModel(keras.Model):
         return fp_out[-1], low_out[-1], ce_fp, ce_low, r
 
     def train_step(self, data):
+        with after_batch(data):  # see tfq.steps: no step past the end of a pass
+            return self._train_step(data)
+
+    def _train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         lam = self.guidance_weight
         with tf.GradientTape() as tape:

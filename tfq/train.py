@@ -872,10 +872,11 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out, te
     out(f"[{key}] W{stage.w_bits}A{stage.a_bits}{' guided' if stage.guided else ''}, "
         f"{stage.epochs} epochs, lr {stage.lr:g}")
     callbacks, guard = _callbacks(run, key, stage, ckpt_dir)
-    from tfq import distribute
+    from tfq import distribute, steps
 
     strategy = distribute.current_strategy()
     callbacks = distribute.prepare(trainee, strategy, train_ds.element_spec) + callbacks
+    steps.guard_train_step(trainee)  # passes of unknown length: see tfq.steps
     tb_root = run.dir if run.writable else run.scratch
     callbacks.append(keras.callbacks.TensorBoard(
         log_dir=os.path.join(tb_root, "tensorboard", key.replace("/", "_")),

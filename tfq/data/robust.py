@@ -137,8 +137,8 @@ def shuffled(values, seed, epoch=None):
     values = tf.convert_to_tensor(values)
     last = tf.size(values, tf.int64) - 1
     seed_t = tf.constant(seed, tf.int64)
-    # flat_map hides the length, and Keras pads a pass of unknown length with one
-    # all-zero batch (tf.distribute's end-of-data handling) and trains on it.
+    # flat_map hides the length; with it known, Keras knows each pass's step count
+    # and does not call the train step once more at its end (see tfq.steps).
     return pass_randoms(seed, epoch).take(1).flat_map(
         lambda r: tf.data.Dataset.range(last + 1).map(
             lambda pos: tf.gather(values, permuted_index(pos, r, seed_t, last)))).apply(
