@@ -2,7 +2,8 @@
 
 Builds the same network at FP, 8, 4 and 2 bits (plus a guided 4-bit pair, and a
 "naive" 4-bit variant whose activation quantizer is an elementwise custom-gradient
-round, for reference), then times them interleaved, round after round, in one
+round, for reference; and the 4-bit and guided steps with and without waiting for
+their batch, ``tfq.steps``), then times them interleaved, round after round, in one
 process: each round runs every variant for a few steps, so drifts in machine speed
 hit all variants alike. Reports the median step time and its ratio to FP.
 
@@ -25,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 import tfq  # noqa: E402
 from tfq import layers as ql  # noqa: E402
+from tfq import steps  # noqa: E402
 from tfq.guided import GuidedModel  # noqa: E402
 
 
@@ -80,6 +82,15 @@ def main():
     guided = GuidedModel.from_model(fp, 4, 4)
     guided.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
     variants["W4A4 guided"] = guided
+    # The price of tfq.steps' guard (tfq.train puts it on every model, GuidedModel has
+    # it built in): the same steps without it.
+    variants["W4A4 waits"] = steps.guard_train_step(compiled(
+        tfq.models.build(args.model, num_classes=10, input_shape=shape, w_bits=4, a_bits=4)))
+    unguarded = GuidedModel.from_model(tfq.models.build(args.model, num_classes=10,
+                                                        input_shape=shape), 4, 4)
+    unguarded.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
+    unguarded.train_step = unguarded._train_step  # the step's body, without the wait
+    variants["guided no wait"] = unguarded
 
     for m in variants.values():  # trace and warm up
         for _ in range(2):
@@ -95,9 +106,11 @@ def main():
     med = {k: float(np.median(v)) for k, v in times.items()}
     print(f"# {args.model}, 32x32x3, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}")
-    print(f"{'variant':<14} {'step (ms)':>10} {'x FP':>7} {'x W4A4':>7}")
+    print(f"{'variant':<15} {'step (ms)':>10} {'x FP':>7} {'x W4A4':>7}")
     for k, v in med.items():
-        print(f"{k:<14} {1000 * v:>10.1f} {v / med['FP']:>7.3f} {v / med['W4A4']:>7.3f}")
+        print(f"{k:<15} {1000 * v:>10.1f} {v / med['FP']:>7.3f} {v / med['W4A4']:>7.3f}")
+    print(f"waiting for the batch: W4A4 x{med['W4A4 waits'] / med['W4A4']:.3f}, "
+          f"guided x{med['W4A4 guided'] / med['guided no wait']:.3f}")
 
 
 if __name__ == "__main__":
