@@ -230,7 +230,8 @@ def test_an_epoch_variable_makes_each_pass_a_function_of_its_number(source, cifa
     for e in range(3):
         epoch.assign(e)
         passes.append(collect(ds))
-    # The batch count stays known (Keras would otherwise train on a padded zero batch),
+    # The batch count stays known (Keras would otherwise call the train step once more
+    # at the end of each pass; see tfq.steps),
     # except where it never was: a limited stream can hold fewer than its limit.
     batches = len(passes[0][1]) // kwargs["batch_size"]
     limited_stream = source == "imagenet" and "limit" in kwargs

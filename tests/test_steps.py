@@ -66,6 +66,8 @@ def test_the_guard_is_not_saved_and_wraps_once(tmp_path):
     steps.guard_train_step(model)
     step = model.train_step
     assert steps.guard_train_step(model).train_step is step
+    guided = tfq.GuidedModel.from_model(model, 2, 2)  # its own step already waits
+    assert steps.guard_train_step(guided).train_step.__func__ is tfq.GuidedModel.train_step
     path = str(tmp_path / "m.keras")
     model.save(path)
     assert not getattr(keras.models.load_model(path).train_step, "waits_for_batch", False)

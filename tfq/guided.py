@@ -203,6 +203,8 @@ class GuidedModel(keras.Model):
         with after_batch(data):  # see tfq.steps: no step past the end of a pass
             return self._train_step(data)
 
+    train_step.waits_for_batch = True  # so tfq.steps.guard_train_step does not wrap it again
+
     def _train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         lam = self.guidance_weight
