@@ -71,3 +71,33 @@ def test_the_guard_is_not_saved_and_wraps_once(tmp_path):
     path = str(tmp_path / "m.keras")
     model.save(path)
     assert not getattr(keras.models.load_model(path).train_step, "waits_for_batch", False)
+
+
+def test_length_unknown_only_where_keras_cannot_count_the_batches():
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return x[:BATCH], y[:BATCH]
+
+    known = [x, (x, y), {"image": x}, tf.constant(x), ds.batch(BATCH), ds.repeat(), Batches()]
+    unknown = [ds.filter(lambda a, b: True), ds.batch(BATCH).filter(lambda a, b: True).take(2),
+               (b for b in [(x, y)]), None]
+    assert [steps.length_unknown(d) for d in known] == [False] * len(known)
+    assert [steps.length_unknown(d) for d in unknown] == [True] * len(unknown)
+
+
+def test_a_guided_fit_waits_only_for_data_of_unknown_length_and_retraces_when_it_changes():
+    keras.utils.set_random_seed(3)
+    fp = tfq.models.build("resnet20", num_classes=10, input_shape=(8, 8, 3))
+    model = tfq.GuidedModel.from_model(fp, 2, 2)
+    model.compile(optimizer(), metrics=["accuracy"], fp_optimizer=optimizer())
+    model.fit(*data(), batch_size=BATCH, epochs=1, verbose=0)
+    assert not model.wait_for_batch  # arrays: no graph-building cost for the wait
+    model.fit(batches(unknown_length=True), epochs=1, verbose=0)
+    assert model.wait_for_batch
+    assert int(model.optimizer.iterations) == 2 * (N // BATCH)

@@ -280,16 +280,18 @@ def test_a_training_pipeline_of_unknown_length_trains_like_a_known_one(tmp_path,
     weights, same logged training metrics as the same batches with a known length."""
     import keras
 
-    from tfq import distribute
+    from tfq import distribute, steps
 
     x = np.random.default_rng(0).uniform(-1, 1, (96, 8, 8, 3)).astype("float32")
     y = np.arange(96) % 10
     known = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
     unknown = known.unbatch().filter(lambda a, b: True).batch(32, drop_remainder=True)
-    runs = {}
+    runs, guarded, guard = {}, {"known": [], "unknown": []}, steps.guard_train_step
     for name, train_ds in (("known", known), ("unknown", unknown)):
         monkeypatch.setattr(distribute, "dataset", lambda strategy, dataset, split, batch,
                             training=False, _ds=train_ds, **kw: _ds if training else known)
+        monkeypatch.setattr(steps, "guard_train_step", lambda model, _name=name: (
+            guarded[_name].append(type(model).__name__) or guard(model)))
         cfg = tr.validate(tr.TrainConfig(
             model="resnet20", dataset="digits", methods=("fp", "guided"), pretrain_epochs=1,
             epochs=2, lr=0.05, pretrain_lr=0.05, weight_decay=0.05, batch_size=32,
@@ -297,6 +299,8 @@ def test_a_training_pipeline_of_unknown_length_trains_like_a_known_one(tmp_path,
         keras.utils.set_random_seed(1)
         tr.train(cfg, out=lambda *a: None)
         runs[name] = tmp_path / name
+    # The wait costs graph-building time, so only the unknown length gets it.
+    assert guarded == {"known": [], "unknown": ["Functional", "GuidedModel"]}
     logs = {k: (d / "log.csv").read_text().splitlines() for k, d in runs.items()}
     header = logs["known"][0].split(",")
     for row_known, row_unknown in zip(logs["known"][1:], logs["unknown"][1:], strict=True):

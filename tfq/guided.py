@@ -15,12 +15,14 @@ objective.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
 from tfq import layers as qlayers
 from tfq.models import registry
-from tfq.steps import after_batch
+from tfq.steps import after_batch, length_unknown
 
 GUIDANCE_NORMS = ("mean", "sum")
 
@@ -89,6 +91,10 @@ class GuidedModel(keras.Model):
     ``guidance_loss`` (R); ``loss`` is the low-bit objective L2, in training and in
     evaluation alike (``low_net.evaluate`` gives the plain cross-entropy).
 
+    Attributes:
+      wait_for_batch: whether the step waits for its batch (``tfq.steps``); ``fit``
+        sets it from its data, True for a pipeline of unknown length.
+
     Args:
       fp_net: the full-precision ``keras.Model``.
       low_net: the low-bit ``keras.Model`` (same architecture).
@@ -142,6 +148,8 @@ class GuidedModel(keras.Model):
         self.fp_accuracy = keras.metrics.SparseCategoricalAccuracy(name="fp_accuracy")
         self.fp_optimizer = None
         self._ce = None
+        # Whether the step waits for its batch (see tfq.steps); ``fit`` sets it.
+        self.wait_for_batch = False
         self.built = True
 
     def _quantizers(self):
@@ -199,11 +207,24 @@ class GuidedModel(keras.Model):
         ce_low = self._ce(y, low_out[-1], sample_weight)
         return fp_out[-1], low_out[-1], ce_fp, ce_low, r
 
+    def fit(self, x=None, *args, **kwargs):
+        """``keras.Model.fit``; the step waits for its batch when ``x``'s length is unknown.
+
+        Keras takes a step past the end of a pass of unknown length (see ``tfq.steps``);
+        the wait that prevents it costs seconds of graph building, so it is traced in
+        only for such data, and the train function is rebuilt when that changes.
+        """
+        wait = length_unknown(x)
+        if wait != self.wait_for_batch:
+            self.wait_for_batch = wait
+            self.train_function = None
+        return super().fit(x, *args, **kwargs)
+
     def train_step(self, data):
-        with after_batch(data):  # see tfq.steps: no step past the end of a pass
+        with after_batch(data) if self.wait_for_batch else contextlib.nullcontext():
             return self._train_step(data)
 
-    train_step.waits_for_batch = True  # so tfq.steps.guard_train_step does not wrap it again
+    train_step.waits_for_batch = True  # so tfq.steps.guard_train_step leaves it to fit
 
     def _train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

@@ -11,14 +11,17 @@ value). A pipeline loses its length whenever tf.data cannot know it: a filter (c
 images skipped), a record stream cut to a limit, shards interleaved.
 
 Making the whole step wait for its batch removes all three: the stateful ops gain a
-control dependency on the batch, and with no batch nothing runs.
+control dependency on the batch, and with no batch nothing runs. The steps themselves
+take no longer, but such a graph can take TensorFlow twice as long to build (a 4-bit
+ResNet-20: seconds more, once per model; BENCHMARKS.md), so the wait is put only where
+a pass's length is unknown (``length_unknown``).
 """
 
 import functools
 
 import tensorflow as tf
 
-__all__ = ["after_batch", "waits_for_batch", "guard_train_step"]
+__all__ = ["after_batch", "waits_for_batch", "guard_train_step", "length_unknown"]
 
 
 def after_batch(data):
@@ -60,7 +63,8 @@ def guard_train_step(model):
 
     Sets an instance attribute, so the class (and every other model) is untouched and
     nothing of it is saved with the model. ``tfq.train`` does this for every model it
-    trains; a ``GuidedModel``'s own step already waits for its batch.
+    trains on a pipeline of unknown length; a ``GuidedModel`` is left as it is: its
+    ``fit`` decides from its data whether its step waits.
 
     Args:
       model: a ``keras.Model``.
@@ -70,3 +74,27 @@ def guard_train_step(model):
     """
     model.train_step = waits_for_batch(model.train_step)
     return model
+
+
+def length_unknown(data):
+    """Whether Keras cannot know how many batches one pass over ``data`` holds.
+
+    Only such a pass ends with the extra call this module is about. Anything not
+    recognised as having a length (a generator, a distributed dataset) counts as
+    unknown, which costs graph-building time only.
+
+    Args:
+      data: what ``fit`` takes as ``x``: a ``tf.data.Dataset``, a
+        ``keras.utils.PyDataset``, arrays or tensors (nested), a generator.
+
+    Returns:
+      bool.
+    """
+    import keras
+
+    if isinstance(data, tf.data.Dataset):
+        return int(data.cardinality()) == int(tf.data.UNKNOWN_CARDINALITY)
+    if isinstance(data, keras.utils.PyDataset):  # a length, or endless (no end to pass)
+        return False
+    leaves = tf.nest.flatten(data)
+    return not leaves or not all(hasattr(t, "shape") and hasattr(t, "__len__") for t in leaves)

@@ -876,7 +876,8 @@ def _run_stage(cfg, run, key, stage, model, fp_model, train_ds, eval_ds, out, te
 
     strategy = distribute.current_strategy()
     callbacks = distribute.prepare(trainee, strategy, train_ds.element_spec) + callbacks
-    steps.guard_train_step(trainee)  # passes of unknown length: see tfq.steps
+    if steps.length_unknown(train_ds):  # see tfq.steps
+        steps.guard_train_step(trainee)
     tb_root = run.dir if run.writable else run.scratch
     callbacks.append(keras.callbacks.TensorBoard(
         log_dir=os.path.join(tb_root, "tensorboard", key.replace("/", "_")),
