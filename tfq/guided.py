@@ -148,7 +148,6 @@ class GuidedModel(keras.Model):
         self.fp_accuracy = keras.metrics.SparseCategoricalAccuracy(name="fp_accuracy")
         self.fp_optimizer = None
         self._ce = None
-        # Whether the step waits for its batch (see tfq.steps); ``fit`` sets it.
         self.wait_for_batch = False
         self.built = True
 

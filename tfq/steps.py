@@ -12,7 +12,7 @@ images skipped), a record stream cut to a limit, shards interleaved.
 
 Making the whole step wait for its batch removes all three: the stateful ops gain a
 control dependency on the batch, and with no batch nothing runs. The steps themselves
-take no longer, but such a graph can take TensorFlow twice as long to build (a 4-bit
+take no longer, but such a graph can take TensorFlow up to twice as long to build (a 4-bit
 ResNet-20: seconds more, once per model; BENCHMARKS.md), so the wait is put only where
 a pass's length is unknown (``length_unknown``).
 """
