@@ -19,6 +19,7 @@ a pass's length is unknown (``length_unknown``).
 
 import functools
 
+import keras
 import tensorflow as tf
 
 __all__ = ["after_batch", "waits_for_batch", "guard_train_step", "length_unknown"]
@@ -90,8 +91,6 @@ def length_unknown(data):
     Returns:
       bool.
     """
-    import keras
-
     if isinstance(data, tf.data.Dataset):
         return int(data.cardinality()) == int(tf.data.UNKNOWN_CARDINALITY)
     if isinstance(data, keras.utils.PyDataset):  # a length, or endless (no end to pass)
